@@ -1,0 +1,154 @@
+"""One-pass feature taps on timm models.
+
+Tf-FD needs the logits and a few stage outputs of the *same* forward pass. ``FeatureTaps`` resolves the stages from
+``model.feature_info`` and captures them in one of three ways:
+
+* ``intermediates``: timm's ``forward_intermediates(x, indices)`` followed by ``forward_head`` (the default for every
+  model that has it; transformer tokens come back as NCHW maps);
+* ``hooks``: forward hooks on the ``feature_info`` modules, for models without ``forward_intermediates``;
+* ``preact``: forward pre-hooks on the activation that closes a stage (ResNet-style blocks with ``act2`` / ``act3``),
+  which sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
+"""
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['FeatureTaps', 'resolve_stages', 'STEM_MODULES']
+
+# feature_info entries that are the network stem rather than a stage; excluded by default.
+STEM_MODULES = ('act1', 'bn1', 'stem', 'conv_stem', 'bn_stem', 'features.norm0', 'stem.norm', 'stem.act')
+
+
+def _feature_info(model: nn.Module) -> List[dict]:
+    info = getattr(model, 'feature_info', None)
+    if not info:
+        raise ValueError(
+            f'{type(model).__name__} has no feature_info: Tf-FD selects stages from timm\'s feature metadata, so it '
+            f'needs a timm model (or one that defines feature_info as a list of dicts with num_chs/reduction/module).')
+    return list(info)
+
+
+def resolve_stages(model: nn.Module, stages: Optional[Sequence[int]] = None) -> List[int]:
+    """Return sorted ``feature_info`` indices of the stages to tap.
+
+    Args:
+        model: A timm model with ``feature_info``.
+        stages: ``feature_info`` indices, shallow to deep; negative values count from the end. ``None`` selects every
+            entry except a leading stem (an entry whose module is one of ``STEM_MODULES``).
+    """
+    info = _feature_info(model)
+    n = len(info)
+    if stages is None:
+        start = 1 if n > 1 and info[0]['module'] in STEM_MODULES else 0
+        return list(range(start, n))
+    out = []
+    for s in stages:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise ValueError(f'stage indices must be integers, got {s!r}')
+        if not -n <= s < n:
+            names = ', '.join(f'{i}:{f["module"]}' for i, f in enumerate(info))
+            raise ValueError(f'stage index {s} is out of range for {type(model).__name__}, which has {n} '
+                             f'feature_info entries ({names})')
+        out.append(s % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f'stage indices must be distinct, got {list(stages)}')
+    return sorted(out)
+
+
+def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
+    """The activation whose input is the pre-activation output of a stage (ResNet-style)."""
+    module = model.get_submodule(module_name)
+    if isinstance(module, nn.Sequential) and len(module) and any(hasattr(module[-1], a) for a in ('act3', 'act2')):
+        block = module[-1]
+        return block.act3 if hasattr(block, 'act3') else block.act2
+    if module_name.split('.')[-1].startswith('act'):
+        return module  # the stem's activation: its input is the pre-activation map
+    raise ValueError(
+        f'pre-activation features need a ResNet-style stage whose last block ends in act2/act3, but '
+        f'{type(model).__name__}.{module_name} ({type(module).__name__}) has none; use post-activation features')
+
+
+class FeatureTaps:
+    """Captures selected stage outputs and the logits in one forward pass.
+
+    Not an ``nn.Module``: it adds nothing to the model's ``state_dict``.
+
+    Args:
+        model: The timm model.
+        stages: ``feature_info`` indices (see ``resolve_stages``).
+        preact: Tap pre-activation stage outputs (ResNet-style stages only).
+        mode: ``'intermediates'`` or ``'hooks'``; ``None`` picks ``intermediates`` when the model has
+            ``forward_intermediates``. Ignored with ``preact=True``.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            stages: Optional[Sequence[int]] = None,
+            preact: bool = False,
+            mode: Optional[str] = None,
+    ):
+        info = _feature_info(model)
+        self.indices = resolve_stages(model, stages)
+        self.modules = [info[i]['module'] for i in self.indices]
+        self.channels = [info[i]['num_chs'] for i in self.indices]
+        self.reductions = [info[i]['reduction'] for i in self.indices]
+        self.preact = preact
+        if preact:
+            mode = 'preact'
+        elif mode is None:
+            mode = 'intermediates' if hasattr(model, 'forward_intermediates') else 'hooks'
+        if mode not in ('intermediates', 'hooks', 'preact'):
+            raise ValueError(f'unknown feature tap mode {mode!r}')
+        self.mode = mode
+        self._buffer = {}
+        self._active = False
+        self._handles = []
+        if mode != 'intermediates':
+            for pos, name in enumerate(self.modules):
+                if mode == 'preact':
+                    h = _closing_act(model, name).register_forward_pre_hook(functools.partial(self._pre_hook, pos))
+                else:
+                    h = model.get_submodule(name).register_forward_hook(functools.partial(self._hook, pos))
+                self._handles.append(h)
+
+    def _pre_hook(self, pos: int, module: nn.Module, args: Tuple[torch.Tensor, ...]):
+        if self._active:
+            self._buffer[pos] = args[0].clone()  # the activation is in-place: keep a copy
+
+    def _hook(self, pos: int, module: nn.Module, args, output):
+        if self._active:
+            if not torch.is_tensor(output) or output.ndim != 4:
+                raise ValueError(f'feature module {self.modules[pos]} returned {type(output).__name__} '
+                                 f'{tuple(getattr(output, "shape", ()))}; Tf-FD needs NCHW maps')
+            self._buffer[pos] = output
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run ``model`` once; return ``(logits, features)`` with features shallow to deep."""
+        if self.mode == 'intermediates':
+            final, feats = model.forward_intermediates(x, indices=self.indices)
+            return model.forward_head(final), list(feats)
+        self._buffer.clear()
+        self._active = True
+        try:
+            logits = type(model).forward(model, x)
+        finally:
+            self._active = False
+        missing = [self.modules[i] for i in range(len(self.modules)) if i not in self._buffer]
+        if missing:
+            raise RuntimeError(f'feature modules {missing} did not run in the forward pass')
+        feats = [self._buffer.pop(i) for i in range(len(self.modules))]
+        return logits, feats
+
+    def remove(self):
+        """Remove the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_buffer'] = {}
+        return state

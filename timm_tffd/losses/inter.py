@@ -1,0 +1,75 @@
+"""Inter-layer Tf-FD: deep stage outputs supervise shallow ones (seed 000, seed 001).
+
+For a pair (student, target) the larger map is average-pooled to the smaller one's spatial size, both are cut to their
+first ``min(C_s, C_t)`` channels, the target is detached, and the pair loss is the mean squared error. The layer loss
+is the mean over pairs. This is the reference code's ``tfd`` mode; the pooling there is ``avg_pool2d`` with kernel =
+stride = size ratio, which ``adaptive_avg_pool2d`` equals whenever the ratio is an integer and which it generalizes
+to the odd sizes that timm models produce at arbitrary input resolutions.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['inter_layer_loss', 'inter_layer_pairs', 'align_pair', 'PAIRS', 'DIRECTIONS']
+
+PAIRS = ('all', 'adjacent')
+DIRECTIONS = ('top-down', 'bottom-up', 'bidirectional')
+
+
+def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top-down') -> List[Tuple[int, int]]:
+    """(student, target) index pairs over ``num_stages`` features ordered shallow to deep.
+
+    Args:
+        num_stages: Number of features.
+        pairs: ``'all'``: every i < j (the reference code); ``'adjacent'``: j = i + 1 only (seed 003, ImageNet).
+        direction: ``'top-down'``: deep teaches shallow (default); ``'bottom-up'``: shallow teaches deep;
+            ``'bidirectional'``: both (the three variants of seed 001's ablation).
+    """
+    if pairs not in PAIRS:
+        raise ValueError(f'unknown inter-layer pairs {pairs!r}; choose from {", ".join(PAIRS)}')
+    if direction not in DIRECTIONS:
+        raise ValueError(f'unknown inter-layer direction {direction!r}; choose from {", ".join(DIRECTIONS)}')
+    if num_stages < 2:
+        raise ValueError(f'inter-layer Tf-FD needs at least two stages, got {num_stages}')
+    if pairs == 'all':
+        shallow_deep = [(i, j) for i in range(num_stages) for j in range(i + 1, num_stages)]
+    else:
+        shallow_deep = [(i, i + 1) for i in range(num_stages - 1)]
+    out = []
+    if direction in ('top-down', 'bidirectional'):
+        out += shallow_deep
+    if direction in ('bottom-up', 'bidirectional'):
+        out += [(j, i) for i, j in shallow_deep]
+    return out
+
+
+def align_pair(student: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pool the larger map to the smaller spatial size and keep the first ``min(C)`` channels of both."""
+    size = (min(student.shape[-2], target.shape[-2]), min(student.shape[-1], target.shape[-1]))
+    if student.shape[-2:] != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if target.shape[-2:] != size:
+        target = F.adaptive_avg_pool2d(target, size)
+    c = min(student.shape[1], target.shape[1])
+    return student[:, :c], target[:, :c]
+
+
+def inter_layer_loss(
+        features: Sequence[torch.Tensor],
+        pairs: str = 'all',
+        direction: str = 'top-down',
+) -> torch.Tensor:
+    """Inter-layer Tf-FD loss, the mean over pairs of ``mse(pool(f_s)[:, :C], f_t[:, :C].detach())``.
+
+    Args:
+        features: NCHW maps, shallow to deep.
+        pairs: ``'all'`` or ``'adjacent'`` (see ``inter_layer_pairs``).
+        direction: ``'top-down'``, ``'bottom-up'`` or ``'bidirectional'``.
+    """
+    index_pairs = inter_layer_pairs(len(features), pairs, direction)
+    total = 0.
+    for s, t in index_pairs:
+        student, target = align_pair(features[s], features[t].detach())
+        total = total + F.mse_loss(student, target)
+    return total / len(index_pairs)
