@@ -87,8 +87,10 @@ class TfFDLoss(nn.Module):
         self.epoch = 0.
 
     def set_epoch(self, epoch: float):
-        """Set the (0-based, possibly fractional) epoch that the warm-up / decay multiplier reads."""
+        """Set the (0-based, possibly fractional) epoch read by the weight schedule and by an epoch-aware base loss."""
         self.epoch = float(epoch)
+        if hasattr(self.base_loss, 'set_epoch'):
+            self.base_loss.set_epoch(epoch)
 
     @property
     def multiplier(self) -> float:
