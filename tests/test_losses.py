@@ -1,0 +1,146 @@
+"""Golden values for the functional Tf-FD losses, computed independently with NumPy."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_tffd import inter_layer_loss, intra_layer_loss, inter_layer_pairs
+from timm_tffd.losses.saliency import SALIENCY, bn_scale_saliency
+
+
+def _features(seed=0, shapes=((2, 4, 8, 8), (2, 6, 4, 4), (2, 8, 2, 2))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def _np_pool(a, size):
+    n, c, h, w = a.shape
+    kh, kw = h // size[0], w // size[1]
+    return a.reshape(n, c, size[0], kh, size[1], kw).mean(axis=(3, 5))
+
+
+def _np_inter(feats, pairs):
+    arrs = [f.numpy() for f in feats]
+    losses = []
+    for s, t in pairs:
+        a, b = arrs[s], arrs[t]
+        size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+        a, b = _np_pool(a, size), _np_pool(b, size)
+        c = min(a.shape[1], b.shape[1])
+        losses.append(((a[:, :c] - b[:, :c]) ** 2).mean())
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize('pairs,direction,expected_pairs', [
+    ('all', 'top-down', [(0, 1), (0, 2), (1, 2)]),
+    ('adjacent', 'top-down', [(0, 1), (1, 2)]),
+    ('all', 'bottom-up', [(1, 0), (2, 0), (2, 1)]),
+    ('adjacent', 'bidirectional', [(0, 1), (1, 2), (1, 0), (2, 1)]),
+])
+def test_inter_golden(pairs, direction, expected_pairs):
+    feats = _features()
+    assert sorted(inter_layer_pairs(3, pairs, direction)) == sorted(expected_pairs)
+    got = inter_layer_loss(feats, pairs, direction).item()
+    assert got == pytest.approx(_np_inter(feats, expected_pairs), rel=1e-10)
+
+
+def test_inter_hand_example():
+    # 1 channel, 2x2 shallow map pooled to 1x1 = mean 2.5; deep map value 0.5 -> (2.5 - 0.5)^2 = 4
+    shallow = torch.tensor([[[[1., 2.], [3., 4.]]]])
+    deep = torch.tensor([[[[0.5]], [[9.]]]])  # 2 channels: only the first is compared
+    assert inter_layer_loss([shallow, deep]).item() == pytest.approx(4.0)
+
+
+def test_inter_gradients_only_reach_student_side():
+    feats = [f.clone().requires_grad_() for f in _features()]
+    inter_layer_loss(feats).backward()
+    assert feats[0].grad.abs().sum() > 0 and feats[1].grad.abs().sum() > 0  # shallow sides of some pair
+    assert feats[2].grad is None  # the deepest map is only ever a target
+    feats = [f.clone().requires_grad_() for f in _features()]
+    inter_layer_loss(feats, direction='bottom-up').backward()
+    assert feats[0].grad is None and feats[2].grad.abs().sum() > 0
+
+
+def _np_intra_stage(f, detach_note=None):
+    # reference saliency: F.normalize over (H, W), averaged over (N, H, W)
+    score = F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3]).numpy()
+    order = np.argsort(-score, kind='stable')
+    half = f.shape[1] // 2
+    a = f.numpy()
+    top, bottom = a[:, order[:half]], a[:, order[half:2 * half]]
+    return float(((top - bottom) ** 2).mean())
+
+
+def test_intra_golden_with_odd_channels():
+    feats = _features(1, ((2, 5, 4, 4), (3, 8, 2, 2)))  # C = 5: the least salient channel is left out
+    expected = np.mean([_np_intra_stage(f) for f in feats])
+    assert intra_layer_loss(feats).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_intra_hand_example():
+    # channel scores: normalized maps' means; channel 1 (constant 1s) scores 0.5, channel 0 ([1,0,0,0]) 0.25
+    f = torch.tensor([[[[1., 0.], [0., 0.]], [[1., 1.], [1., 1.]]]])
+    # salient = channel 1, redundant = channel 0: mse = (0 + 1 + 1 + 1) / 4
+    assert intra_layer_loss([f]).item() == pytest.approx(0.75)
+
+
+def test_intra_gradients_and_detach():
+    f = _features(2, ((2, 6, 4, 4),))[0]
+    score = F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3])
+    salient = score.argsort(descending=True)[:3]
+    x = f.clone().requires_grad_()
+    intra_layer_loss([x]).backward()
+    assert (x.grad[:, salient].abs().sum((0, 2, 3)) > 0).all()  # reference final code: both halves learn
+    x = f.clone().requires_grad_()
+    intra_layer_loss([x], detach_salient=True).backward()
+    assert x.grad[:, salient].abs().sum() == 0
+    assert x.grad.abs().sum() > 0
+
+
+def test_saliency_metrics_golden():
+    f = _features(3, ((3, 4, 5, 5),))[0]
+    a = f.numpy()
+    np.testing.assert_allclose(SALIENCY['norm'](f).numpy(), F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3]).numpy(),
+                               rtol=1e-12)
+    np.testing.assert_allclose(SALIENCY['l1'](f).numpy(), np.abs(a).sum((2, 3)).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(SALIENCY['l2'](f).numpy(), np.sqrt((a ** 2).sum((2, 3))).mean(0), rtol=1e-12)
+    ranks = np.array([[np.linalg.matrix_rank(a[n, c]) for c in range(4)] for n in range(3)]).mean(0)
+    low_rank = f.clone()
+    low_rank[:, 1] = torch.ones(5, 1, dtype=f.dtype) @ torch.arange(5., dtype=f.dtype)[None]  # rank-1 maps
+    ranks[1] = 1
+    np.testing.assert_allclose(SALIENCY['hrank'](low_rank).numpy(), ranks)
+    entropy = []
+    for c in range(4):
+        v = a[:, c].ravel()
+        counts, _ = np.histogram(v, bins=10, range=(v.min(), v.max()))
+        p = counts / v.size
+        p = p[p > 0]
+        entropy.append(-(p * np.log(p)).sum())
+    np.testing.assert_allclose(SALIENCY['entropy'](f).numpy(), entropy, rtol=1e-5)
+
+
+def test_bn_saliency_picks_closing_bn():
+    import timm
+    model = timm.create_model('test_resnet')
+    fn = bn_scale_saliency(model, 'layer2', model.feature_info[2]['num_chs'])
+    block = model.layer2[-1]
+    closing_bn = block.bn3 if hasattr(block, 'bn3') else block.bn2
+    assert fn.bn is closing_bn
+    torch.nn.init.uniform_(fn.bn.weight, -1, 1)
+    assert torch.equal(fn(torch.zeros(1)), fn.bn.weight.detach().abs())
+
+
+def test_functional_errors():
+    feats = _features()
+    with pytest.raises(ValueError, match='at least two stages'):
+        inter_layer_loss(feats[:1])
+    with pytest.raises(ValueError, match='unknown inter-layer pairs'):
+        inter_layer_loss(feats, pairs='some')
+    with pytest.raises(ValueError, match='unknown inter-layer direction'):
+        inter_layer_loss(feats, direction='sideways')
+    with pytest.raises(ValueError, match='unknown saliency'):
+        intra_layer_loss(feats, saliency='magic')
+    with pytest.raises(ValueError, match='wrap'):
+        intra_layer_loss(feats, saliency='bn')
+    with pytest.raises(ValueError, match='at least 2 channels'):
+        intra_layer_loss([torch.randn(2, 1, 4, 4)])

@@ -1,0 +1,244 @@
+"""wrap() / TfFDLoss / TfFDTask on a broad set of tiny timm models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import timm
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import timm_tffd
+from timm_tffd import TfFDLoss, TfFDSchedule, TfFDTask, inter_layer_loss, intra_layer_loss, unwrap, wrap
+
+# name -> (create_model kwargs, input size): the smallest variant of each family that keeps its structure
+MODELS = {
+    'resnet': ('test_resnet', {}, 32),
+    'resnet-d': ('resnet18d', dict(layers=(1, 1, 1, 1)), 32),
+    'convnext': ('test_convnext', {}, 32),
+    'efficientnet': ('test_efficientnet', {}, 32),
+    'mobilenetv3': ('mobilenetv3_small_050', {}, 32),
+    'regnet': ('regnetx_002', {}, 32),
+    'densenet': ('densenet121', dict(block_config=(1, 1, 1, 1)), 32),
+    'vgg': ('vgg11', dict(mlp_ratio=1 / 64), 32),
+    'vit': ('test_vit', dict(img_size=32), 32),
+    'deit': ('deit_tiny_patch16_224', dict(img_size=32, depth=3), 32),
+    'swin': ('swin_tiny_patch4_window7_224',
+             dict(img_size=32, window_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), 32),
+}
+
+
+def _create(family, num_classes=5):
+    name, kwargs, size = MODELS[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    return model, torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('family', list(MODELS))
+def test_wrap_any_model(family):
+    model, x = _create(family)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = copy.deepcopy(model)
+
+    wrapped = wrap(model, 'inter,intra')
+    assert wrapped is model and type(wrapped) is type(reference)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), expected)  # eval: the class forward, untouched
+    assert timm_tffd.get_tffd_state(model).stash is None  # and no Tf-FD work
+    assert list(wrapped.state_dict()) == list(state)
+    assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in state.items())
+
+    # train: same logits as plain timm (same BN batch statistics), features from the same pass
+    wrapped.train()
+    reference.train()
+    torch.manual_seed(2)  # same drop-path / dropout draws in both passes
+    with torch.no_grad():
+        ref_logits = reference(x)
+    criterion = TfFDLoss(nn.CrossEntropyLoss(), wrapped, warmup_epochs=0)
+    torch.manual_seed(2)
+    out = wrapped(x)
+    torch.testing.assert_close(out, ref_logits, rtol=1e-5, atol=1e-5)
+    target = torch.arange(4) % 5
+    result = criterion.compute(out, target)
+    for key in ('loss', 'tffd_inter', 'tffd_intra'):
+        assert torch.isfinite(result[key]) and result[key] > 0, key
+    result['loss'].backward()
+    grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:len(grads) // 2])
+
+    assert unwrap(wrapped) is model and 'forward' not in vars(model)
+    assert not timm_tffd.is_wrapped(model)
+
+
+def test_one_backbone_pass_and_total_loss():
+    model, x = _create('resnet')
+    reference = copy.deepcopy(model)
+    calls = []
+    model.layer1.register_forward_hook(lambda *a: calls.append(1))
+    wrap(model, 'inter,intra').train()
+    crit = TfFDLoss(LabelSmoothingCrossEntropy(0.1), model, weights={'inter': 0.5, 'intra': 0.25}, warmup_epochs=4)
+    crit.set_epoch(1)  # warm-up multiplier (1 + 1) / 4
+    target = torch.tensor([0, 1, 2, 3])
+    out = model(x)
+    assert len(calls) == 1
+    loss = crit(out, target)
+    # independent: plain timm forward_intermediates (train mode, same batch) and the functional losses
+    reference.train()
+    final, feats = reference.forward_intermediates(x, indices=[1, 2, 3, 4])
+    logits = reference.forward_head(final)
+    base = LabelSmoothingCrossEntropy(0.1)(logits, target)
+    expected = base + 0.5 * (0.5 * inter_layer_loss(feats) + 0.25 * intra_layer_loss(feats))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize('base,target_kind', [
+    (nn.CrossEntropyLoss(), 'index'),
+    (LabelSmoothingCrossEntropy(0.1), 'index'),
+    (SoftTargetCrossEntropy(), 'soft'),
+    (BinaryCrossEntropy(smoothing=0.1), 'index'),
+])
+def test_any_base_loss(base, target_kind):
+    model, x = _create('convnext')
+    wrap(model).train()
+    target = torch.arange(4) % 5
+    if target_kind == 'soft':
+        target = torch.softmax(torch.randn(4, 5), -1)  # mixup-style soft targets
+    crit = TfFDLoss(base, model, warmup_epochs=0)
+    out = model(x)
+    result = crit.compute(out, target)
+    torch.testing.assert_close(result['base_loss'], base(out, target))
+    torch.testing.assert_close(result['loss'], result['base_loss'] + 0.005 * result['tffd_inter']
+                               + 0.0004 * result['tffd_intra'])
+
+
+def test_criterion_needs_fresh_training_forward():
+    model, x = _create('resnet')
+    wrap(model).train()
+    crit = TfFDLoss(nn.CrossEntropyLoss(), model)
+    target = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match='fresh training-mode forward'):
+        crit(torch.randn(4, 5), target)  # no forward yet
+    out = model(x)
+    crit(out, target)
+    with pytest.raises(RuntimeError, match='never reused'):
+        crit(out, target)  # the same forward twice
+    model(x)
+    with pytest.raises(RuntimeError, match='fresh training-mode forward'):
+        crit(out, target)  # logits of an earlier forward
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    with pytest.raises(RuntimeError, match='fresh training-mode forward'):
+        crit(out, target)
+
+
+def test_non_finite_features_are_reported():
+    model, x = _create('resnet')
+    wrap(model).train()
+    crit = TfFDLoss(nn.CrossEntropyLoss(), model)
+    with torch.no_grad():
+        model.layer3[0].conv1.weight.fill_(float('inf'))
+    with pytest.raises(FloatingPointError, match=r"stage\(s\) \['3:layer3', '4:layer4'\]"):
+        crit(model(x), torch.zeros(4, dtype=torch.long))
+
+
+def test_schedule():
+    s = TfFDSchedule(warmup_epochs=20)
+    assert [s(e) for e in (0, 9, 19, 50)] == [pytest.approx(0.05), pytest.approx(0.5), 1.0, 1.0]
+    s = TfFDSchedule(warmup_epochs=0, decay=(10, 30))
+    assert [s(e) for e in (0, 10, 20, 30, 40)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    s = TfFDSchedule(warmup_epochs=4, decay=(2, 6))
+    assert s(1) == pytest.approx(0.5 * 1.0) and s(4) == pytest.approx(1.0 * 0.5)
+
+
+def test_stages_preact_and_hooks():
+    model, x = _create('resnet')
+    intermediates = copy.deepcopy(model).train()
+    _, ref_feats = intermediates.forward_intermediates(x, indices=[2, 4])
+    assert timm_tffd.resolve_stages(model, [-1, 2]) == [2, 4]
+    hooked = copy.deepcopy(model).train()
+    taps = timm_tffd.FeatureTaps(hooked, stages=[2, 4], mode='hooks')
+    _, feats = taps.forward(hooked, x)
+    for a, b in zip(feats, ref_feats):
+        torch.testing.assert_close(a, b)
+    pre_model = copy.deepcopy(model).train()
+    taps = timm_tffd.FeatureTaps(pre_model, stages=[2, 4], preact=True)
+    _, pre = taps.forward(pre_model, x)
+    for a, b in zip(pre, ref_feats):
+        assert (a < 0).any() and (b >= 0).all()
+        torch.testing.assert_close(torch.relu(a), b)  # the closing ReLU of the post-activation map
+
+
+def test_task_dict_state_and_ema():
+    model, x = _create('resnet')
+    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd='inter', weights={'inter': 0.01}, warmup_epochs=10,
+                    method_options=dict(pairs='adjacent'), verbose=False)
+    task.set_epoch(4)
+    task.setup_ema(decay=0.9)
+    task.train()
+    result = task(x, torch.zeros(4, dtype=torch.long))
+    assert set(result) == {'loss', 'output', 'base_loss', 'tffd_inter'}
+    torch.testing.assert_close(result['loss'], result['base_loss'] + 0.5 * 0.01 * result['tffd_inter'])
+    result['loss'].backward()
+    task.update_ema()
+    ckpt = task.get_checkpoint_state()
+    assert list(ckpt['state_dict']) == list(timm.create_model('test_resnet', num_classes=5).state_dict())
+    assert ckpt['task_state']['tffd']['epoch'] == 4
+    ema_state = task.get_checkpoint_state(ema=True)['state_dict_ema']
+    assert list(ema_state) == list(ckpt['state_dict'])
+    other = TfFDTask(timm.create_model('test_resnet', num_classes=5), nn.CrossEntropyLoss(), tffd='inter',
+                     weights={'inter': 0.01}, warmup_epochs=10, method_options=dict(pairs='adjacent'), verbose=False)
+    other.load_checkpoint_state(ckpt['state_dict'], ckpt['task_state'])
+    assert other.criterion.epoch == 4 and other.criterion.multiplier == pytest.approx(0.5)
+
+
+def test_task_compiles():
+    model, x = _create('resnet')
+    task = TfFDTask(model, nn.CrossEntropyLoss(), warmup_epochs=0, verbose=False)
+    eager = copy.deepcopy(task).train()
+    task.compile(backend='aot_eager')
+    task.train()
+    target = torch.zeros(4, dtype=torch.long)
+    got, want = task(x, target), eager(x, target)
+    for key in ('loss', 'tffd_inter', 'tffd_intra'):
+        torch.testing.assert_close(got[key], want[key])
+
+
+class _NoFeatureInfo(nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize('call,match', [
+    (lambda m: wrap(m, 'inter,magic'), r"unknown Tf-FD method 'magic'; valid methods: inter, intra"),
+    (lambda m: wrap(_NoFeatureInfo()), 'has no feature_info'),
+    (lambda m: wrap(m, 'inter', stages=[2]), 'at least two stages'),
+    (lambda m: wrap(m, stages=[1, 7]), 'stage index 7 is out of range'),
+    (lambda m: wrap(m, stages=[1, 1]), 'distinct'),
+    (lambda m: wrap(m, 'inter', saliency='l1'), r"belongs to method\(s\) \['intra'\]"),
+    (lambda m: wrap(m, sailency='l1'), "unknown Tf-FD option 'sailency'"),
+    (lambda m: wrap(m, 'intra', saliency='magic'), 'unknown saliency'),
+    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m), weights={'inter': -1.}), 'must be >= 0'),
+    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m, 'inter')), None),
+    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m, 'inter'), weights={'intra': 1.}), 'not among the wrapped'),
+    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), m), 'not wrapped'),
+    (lambda m: TfFDSchedule(decay=(5, 2)), 'start < end'),
+    (lambda m: wrap(wrap(m)), 'already wrapped'),
+])
+def test_bad_input(call, match):
+    model = timm.create_model('test_resnet', num_classes=5)
+    if match is None:
+        call(model)
+        return
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+def test_preact_needs_resnet_style_stage():
+    model = timm.create_model('test_convnext', num_classes=5)
+    with pytest.raises(ValueError, match='pre-activation features need a ResNet-style stage'):
+        wrap(model, preact=True)
+    assert not timm_tffd.is_wrapped(model)
