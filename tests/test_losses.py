@@ -144,3 +144,24 @@ def test_functional_errors():
         intra_layer_loss(feats, saliency='bn')
     with pytest.raises(ValueError, match='at least 2 channels'):
         intra_layer_loss([torch.randn(2, 1, 4, 4)])
+
+
+def test_paired_channel_mse_gradients_match_autograd():
+    from timm_tffd.losses.intra import paired_channel_mse
+    f = torch.randn(2, 7, 3, 3, dtype=torch.float64, requires_grad=True)
+    salient, redundant = torch.tensor([4, 0, 6]), torch.tensor([1, 5, 2])  # channel 3 left out
+    # numerical Jacobian only without the stop-gradient (which it cannot see)
+    assert torch.autograd.gradcheck(lambda x: paired_channel_mse(x, salient, redundant), (f,))
+    for detach in (False, True):
+        ref_salient = f[:, salient].detach() if detach else f[:, salient]
+        expected = torch.autograd.grad(F.mse_loss(f[:, redundant], ref_salient), f)[0]
+        got = torch.autograd.grad(paired_channel_mse(f, salient, redundant, detach), f)[0]
+        torch.testing.assert_close(got, expected)
+        assert (got[:, 3] == 0).all()
+
+
+def test_inter_pooling_composes_for_non_integer_ratios():
+    # 7x7 -> 3x3 is not an integer ratio: adaptive pooling is used, matching F.adaptive_avg_pool2d
+    a, b = torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    expected = F.mse_loss(F.adaptive_avg_pool2d(a, 3), b[:, :3])
+    torch.testing.assert_close(inter_layer_loss([a, b]), expected)

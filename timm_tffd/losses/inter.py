@@ -44,15 +44,35 @@ def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top
     return out
 
 
+class _Pooler:
+    """Average-pools one map to several sizes, each from the smallest already pooled map it divides.
+
+    Average pooling over equal blocks composes exactly, so ``56 -> 28 -> 14 -> 7`` equals pooling 56 -> 7 directly;
+    the full-size map is read (and its gradient written) once instead of once per deeper stage.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.maps = {tuple(x.shape[-2:]): x}
+
+    def __call__(self, size: Tuple[int, int]) -> torch.Tensor:
+        if size in self.maps:
+            return self.maps[size]
+        sources = [s for s in self.maps if s[0] % size[0] == 0 and s[1] % size[1] == 0 and s[0] >= size[0]]
+        if sources:
+            src = min(sources)
+            kernel = (src[0] // size[0], src[1] // size[1])
+            out = F.avg_pool2d(self.maps[src], kernel)
+        else:  # not an integer ratio: adaptive pooling from the original map
+            out = F.adaptive_avg_pool2d(self.maps[max(self.maps)], size)
+        self.maps[size] = out
+        return out
+
+
 def align_pair(student: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pool the larger map to the smaller spatial size and keep the first ``min(C)`` channels of both."""
-    size = (min(student.shape[-2], target.shape[-2]), min(student.shape[-1], target.shape[-1]))
-    if student.shape[-2:] != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if target.shape[-2:] != size:
-        target = F.adaptive_avg_pool2d(target, size)
     c = min(student.shape[1], target.shape[1])
-    return student[:, :c], target[:, :c]
+    size = (min(student.shape[-2], target.shape[-2]), min(student.shape[-1], target.shape[-1]))
+    return _Pooler(student[:, :c])(size), _Pooler(target[:, :c])(size)
 
 
 def inter_layer_loss(
@@ -68,8 +88,16 @@ def inter_layer_loss(
         direction: ``'top-down'``, ``'bottom-up'`` or ``'bidirectional'``.
     """
     index_pairs = inter_layer_pairs(len(features), pairs, direction)
+    students = {}
+    targets = {}
     total = 0.
     for s, t in index_pairs:
-        student, target = align_pair(features[s], features[t].detach())
-        total = total + F.mse_loss(student, target)
+        if s not in students:
+            students[s] = _Pooler(features[s])
+        if t not in targets:
+            targets[t] = _Pooler(features[t].detach())
+        fs, ft = features[s], features[t]
+        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+        c = min(fs.shape[1], ft.shape[1])
+        total = total + F.mse_loss(students[s](size)[:, :c], targets[t](size)[:, :c])
     return total / len(index_pairs)

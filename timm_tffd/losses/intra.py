@@ -8,13 +8,51 @@ both halves by default; ``detach_salient=True`` makes the salient half a fixed t
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .saliency import get_saliency
 
-__all__ = ['intra_layer_loss', 'intra_stage_loss']
+__all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse']
 
 SaliencyFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _PairedChannelMSE(torch.autograd.Function):
+    """``mse(f[:, redundant], f[:, salient])`` with a one-pass backward.
+
+    Autograd through ``index_select`` would zero a full-size gradient and scatter into it with ``index_add_`` (slow
+    on CPU); here the gradient is written directly: ``+d`` into the redundant channels, ``-d`` into the salient ones
+    (nothing with ``detach_salient``), zeros only for a left-out channel.
+    """
+
+    @staticmethod
+    def forward(ctx, f, salient, redundant, detach_salient: bool):
+        diff = f.index_select(1, redundant) - f.index_select(1, salient)
+        ctx.save_for_backward(diff, salient, redundant)
+        ctx.num_channels, ctx.detach_salient = f.shape[1], detach_salient
+        return diff.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        diff, salient, redundant = ctx.saved_tensors
+        d = diff * (2 * grad_out / diff.numel())
+        shape = (d.shape[0], ctx.num_channels) + tuple(d.shape[2:])
+        full = ctx.num_channels == 2 * d.shape[1] and not ctx.detach_salient
+        grad = d.new_empty(shape) if full else d.new_zeros(shape)
+        grad.index_copy_(1, redundant, d)
+        if not ctx.detach_salient:
+            grad.index_copy_(1, salient, d.neg_())
+        return grad, None, None, None
+
+
+def paired_channel_mse(
+        f: torch.Tensor,
+        salient: torch.Tensor,
+        redundant: torch.Tensor,
+        detach_salient: bool = False,
+) -> torch.Tensor:
+    """``mse(f[:, redundant], f[:, salient])`` over paired channel indices, with an optional stop-gradient on the
+    salient side."""
+    return _PairedChannelMSE.apply(f, salient, redundant, detach_salient)
 
 
 def intra_stage_loss(
@@ -29,11 +67,7 @@ def intra_stage_loss(
     fn = get_saliency(saliency) if isinstance(saliency, str) else saliency
     with torch.no_grad():
         order = fn(feature).argsort(descending=True)[:2 * half]
-    ranked = feature.index_select(1, order)
-    salient, redundant = ranked[:, :half], ranked[:, half:]
-    if detach_salient:
-        salient = salient.detach()
-    return F.mse_loss(redundant, salient)
+    return paired_channel_mse(feature, order[:half], order[half:], detach_salient)
 
 
 def intra_layer_loss(

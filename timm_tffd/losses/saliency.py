@@ -83,14 +83,20 @@ class BNScaleSaliency:
 
 
 def bn_scale_saliency(model: nn.Module, module_name: str, num_channels: int) -> BNScaleSaliency:
-    """Find the last affine BatchNorm with ``num_channels`` channels inside ``module_name`` (or the module itself).
+    """The BatchNorm that produces the map of ``module_name``, as a saliency callable.
 
-    For a ResNet stage this is the last block's final BN (bn2 / bn3), whose output is added to the shortcut before
-    the stage's closing ReLU: the nearest BN to the map, and the one pruning methods rank by.
+    For a ResNet-style stage (last block with ``bn3`` / ``bn2``) it is the last block's closing BN, whose output is
+    added to the shortcut before the stage's closing ReLU. Otherwise it is the last affine BN with ``num_channels``
+    channels inside the module that is not on a shortcut (``downsample`` / ``shortcut`` branches are skipped).
     """
     module = model.get_submodule(module_name)
-    candidates = [m for m in module.modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.num_features == num_channels]
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+    closing = getattr(last, 'bn3', None) or getattr(last, 'bn2', None)
+    if isinstance(closing, nn.modules.batchnorm._BatchNorm) and closing.num_features == num_channels:
+        return BNScaleSaliency(closing)
+    candidates = [m for n, m in module.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.num_features == num_channels
+                  and not any(part in ('downsample', 'shortcut') for part in n.split('.'))]
     if not candidates:
         raise ValueError(f'saliency "bn" needs a BatchNorm with {num_channels} channels producing the map of '
                          f'{module_name} ({type(module).__name__}); none found, choose another saliency')

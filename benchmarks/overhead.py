@@ -1,0 +1,156 @@
+"""Cost of one training step with Tf-FD (and its family) against plain timm training, measured in the same run.
+
+One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, float32.
+
+* Time: every configuration gets its own copy of the same initial model; configurations run interleaved, round after
+  round, so machine-load drift hits all of them alike; the table gives the median step time and its ratio to the
+  baseline's median from the same run.
+* Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
+  (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
+  is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
+  before it (activations, gradients and temporaries; parameters and optimizer state are already resident).
+
+    python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
+    python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import timm
+from timm.task import ClassificationTask
+
+import timm_tffd
+
+DEFAULT_MODELS = ('resnet18', 'resnet50', 'vit_small_patch16_224')
+
+
+def _tffd(methods: str, **options) -> Callable:
+    def build(model: nn.Module) -> nn.Module:
+        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=methods, warmup_epochs=0,
+                                  method_options=options or None, verbose=False)
+    return build
+
+
+# configuration name -> task builder; each task's forward(input, target) returns a dict with 'loss'
+CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
+    'baseline': lambda model: ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False),
+    'inter': _tffd('inter'),
+    'intra': _tffd('intra'),
+    'inter+intra': _tffd('inter,intra'),
+}
+
+
+def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, num_classes=1000, img_size=img_size) if 'vit' in model_name \
+        else timm.create_model(model_name, num_classes=1000)
+    task = CONFIGS[config](model)
+    task.train()
+    params = [p for p in task.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=g)
+    y = torch.randint(0, 1000, (batch_size,), generator=g)
+
+    def step():
+        loss = task(x, y)['loss']
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def _status_kb(key: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{key} not in /proc/self/status')
+
+
+def probe_memory(model_name: str, config: str, batch_size: int, img_size: int) -> dict:
+    step = make_step(model_name, config, batch_size, img_size)
+    step()  # allocates optimizer state and warms caches
+    before = _status_kb('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the peak-RSS counter to the current RSS
+    step()
+    return {'step_mb': (_status_kb('VmHWM') - before) / 1024, 'peak_mb': _status_kb('VmHWM') / 1024}
+
+
+def measure_memory(model_name: str, config: str, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    cmd = [sys.executable, __file__, '--probe', model_name, config, '--batch-size', str(args.batch_size),
+           '--img-size', str(args.img_size)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_time(model_name: str, configs, args) -> Dict[str, float]:
+    steps = {c: make_step(model_name, c, args.batch_size, args.img_size) for c in configs}
+    for s in steps.values():
+        for _ in range(args.warmup):
+            s()
+    times = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for c, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
+    parser.add_argument('--configs', default=','.join(CONFIGS), help=f'any of {", ".join(CONFIGS)}')
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=7, help='timed steps per configuration')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--no-memory', action='store_true', help='skip the per-process memory probes')
+    parser.add_argument('--json', default='', help='also write the results to this file')
+    parser.add_argument('--probe', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size)))
+        return
+    configs = [c.strip() for c in args.configs.split(',')]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
+    if 'baseline' not in configs:
+        configs.insert(0, 'baseline')
+    print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
+          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds')
+    results = []
+    header = f'| model | config | step time (ms) | time ratio | step memory (MB) | memory ratio |'
+    print(header + '\n|---|---|---:|---:|---:|---:|')
+    for model_name in args.models.split(','):
+        times = measure_time(model_name, configs, args)
+        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in configs}
+        for c in configs:
+            row = {'model': model_name, 'config': c, 'time_ms': times[c] * 1e3,
+                   'time_ratio': times[c] / times['baseline']}
+            if mem:
+                row.update(step_mb=mem[c]['step_mb'], memory_ratio=mem[c]['step_mb'] / mem['baseline']['step_mb'])
+            results.append(row)
+            mem_cols = f'{row["step_mb"]:.0f} | {row["memory_ratio"]:.3f}' if mem else '- | -'
+            print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | {mem_cols} |', flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'args': vars(args), 'results': results}, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

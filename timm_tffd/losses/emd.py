@@ -1,0 +1,124 @@
+"""EMD-l2 local feature matching: deep local descriptors supervise shallow ones up to a permutation (seed 002).
+
+For a pair (shallow, deep) the two maps are aligned as in inter-layer Tf-FD (the larger map average-pooled to the
+smaller size, both cut to the first ``min(C_s, C_d)`` channels, the deep map detached), optionally pooled further to a
+``grid x grid`` map. Each of the ``N = H * W`` positions gives a local descriptor, a C-vector. The two sets of
+descriptors, with uniform weights ``1 / N``, are matched by optimal transport with the squared-l2 ground cost
+``M_ij = ||x_i - y_j||^2``; the pair loss is the transport cost ``sum_ij P_ij M_ij / C``, averaged over the batch.
+
+* Scale: with the identity plan ``P = I / N`` this is exactly inter-layer's mean squared error, and the optimal plan
+  can only lower it: the EMD-l2 term is inter's term with the spatial correspondence relaxed to the best matching.
+* Solver: ``sinkhorn_plan``, a batched log-domain Sinkhorn (entropic OT, Cuturi 2013) with a fixed iteration count,
+  run without autograd. ``eps`` is relative to each problem's mean cost, so one value fits every layer and every
+  stage of training. ``benchmarks/emd_solver.py`` compares it with POT (``ot.batch.solve_batch``, ``ot.emd``).
+* Gradients treat the plan as a constant (envelope theorem): the exact gradient of the entropic OT objective, and of
+  the exact EMD wherever its optimal plan is unique. The loss is evaluated as
+  ``sum_i r_i |x_i|^2 + sum_j c_j |y_j|^2 - 2 <x, P y>`` (r, c: the plan's marginals), so the backward pass needs
+  one batched matrix product and never stores an N x N cost matrix with gradient.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .inter import align_pair, inter_layer_pairs
+
+__all__ = ['sinkhorn_plan', 'emd_l2', 'emd_layer_loss', 'check_emd_options']
+
+
+def check_emd_options(grid: Optional[int], eps: float, iters: int):
+    """Raise ``ValueError`` for an invalid ``grid``, ``eps`` or ``iters`` (see ``emd_layer_loss``)."""
+    if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):
+        raise ValueError(f'EMD grid must be a positive integer or None, got {grid!r}')
+    if not eps > 0:  # also rejects NaN
+        raise ValueError(f'EMD eps must be > 0, got {eps}')
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f'EMD iters must be a positive integer, got {iters!r}')
+
+
+@torch.no_grad()
+def sinkhorn_plan(cost: torch.Tensor, eps: float = 0.02, iters: int = 50) -> torch.Tensor:
+    """Entropic optimal transport plans between uniform weights, batched, in the log domain.
+
+    Args:
+        cost: (B, N, M) ground costs.
+        eps: Entropic regularization relative to each problem's mean cost (smaller: closer to the exact EMD, slower
+            to converge).
+        iters: Sinkhorn iterations (each updates both potentials).
+
+    Returns:
+        (B, N, M) plans; each sums to 1, its column sums are exactly ``1 / M`` and its row sums approach ``1 / N``.
+    """
+    b, n, m = cost.shape
+    cost = cost.float()
+    scaled = cost / (eps * cost.mean((1, 2), keepdim=True).clamp_min(1e-12))
+    f = cost.new_zeros(b, n, 1)
+    g = cost.new_zeros(b, 1, m)
+    for _ in range(iters):
+        # dual potentials in units of eps: f_i = log(1/N) - LSE_j(g_j - C_ij), g_j = log(1/M) - LSE_i(f_i - C_ij)
+        f = -math.log(n) - torch.logsumexp(g - scaled, dim=2, keepdim=True)
+        g = -math.log(m) - torch.logsumexp(f - scaled, dim=1, keepdim=True)
+    return torch.exp(f + g - scaled)
+
+
+def emd_l2(
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float = 0.02,
+        iters: int = 50,
+) -> torch.Tensor:
+    """EMD-l2 between two batches of equally weighted point sets, per sample and per channel.
+
+    Args:
+        x: (B, N, C) points.
+        y: (B, M, C) points (detach it to make it a fixed target).
+        eps: See ``sinkhorn_plan``.
+        iters: See ``sinkhorn_plan``.
+
+    Returns:
+        (B,) transport costs ``sum_ij P_ij ||x_i - y_j||^2 / C``, computed in float32.
+    """
+    x, y = x.float(), y.float()
+    x2, y2 = x.pow(2).sum(-1), y.pow(2).sum(-1)
+    with torch.no_grad():
+        cost = (x2.unsqueeze(2) + y2.unsqueeze(1)).baddbmm(x, y.transpose(1, 2), alpha=-2).clamp_min(0)
+        plan = sinkhorn_plan(cost, eps, iters)
+    value = (plan.sum(2) * x2).sum(1) + (plan.sum(1) * y2).sum(1) - 2 * (x * torch.bmm(plan, y)).sum((1, 2))
+    return value / x.shape[-1]
+
+
+def _local_descriptors(f: torch.Tensor, grid: Optional[int]) -> torch.Tensor:
+    if grid is not None:
+        f = F.adaptive_avg_pool2d(f, grid)
+    return f.flatten(2).transpose(1, 2)  # (B, H * W, C)
+
+
+def emd_layer_loss(
+        features: Sequence[torch.Tensor],
+        pairs: str = 'all',
+        grid: Optional[int] = None,
+        eps: float = 0.02,
+        iters: int = 50,
+) -> torch.Tensor:
+    """EMD-l2 local matching loss, the mean over top-down pairs of the batch-mean ``emd_l2``.
+
+    Args:
+        features: NCHW maps, shallow to deep.
+        pairs: ``'all'`` or ``'adjacent'`` (see ``timm_tffd.losses.inter_layer_pairs``); deep always teaches shallow.
+        grid: Pool both aligned maps to ``grid x grid`` positions (fewer positions: cost falls as N^2); ``None``
+            keeps the aligned size. Must not exceed the aligned map of any pair.
+        eps: See ``sinkhorn_plan``.
+        iters: See ``sinkhorn_plan``.
+    """
+    check_emd_options(grid, eps, iters)
+    index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
+    total = 0.
+    for s, t in index_pairs:
+        student, target = align_pair(features[s], features[t].detach())
+        if grid is not None and grid > min(student.shape[-2:]):
+            raise ValueError(f'EMD grid {grid} is larger than the {student.shape[-2]}x{student.shape[-1]} map of '
+                             f'stage pair {(s, t)}; use a grid of at most {min(student.shape[-2:])} or None')
+        x, y = _local_descriptors(student, grid), _local_descriptors(target, grid)
+        total = total + emd_l2(x, y, eps, iters).mean()
+    return total / len(index_pairs)
