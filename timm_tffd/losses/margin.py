@@ -65,7 +65,8 @@ def margin_l2_loss(
     if student.shape != teacher.shape:
         raise ValueError(f'student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} '
                          f'differ in shape')
-    target = torch.maximum(teacher.detach(), margin.to(teacher.dtype).view(1, -1, 1, 1))
+    student = student.float()  # sums of many squares: float32 even under autocast
+    target = torch.maximum(teacher.detach().float(), margin.float().view(1, -1, 1, 1))
     keep = (student > target) | (target > 0)  # complement of s <= t <= 0
     sq = (student - target).pow(2) * keep
     return sq.sum() / (student.shape[0] * normalizer)
