@@ -1,0 +1,78 @@
+"""timm_tffd.plot on training output folders, and the accuracy benchmark's statistics."""
+import csv
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.accuracy import paired_gain, summarize  # noqa: E402
+from timm_tffd.plot import DPI, FIGSIZE, group_runs, read_summary  # noqa: E402
+
+
+def _png_size(path):
+    with open(path, 'rb') as f:
+        head = f.read(24)
+    assert head[:8] == b'\x89PNG\r\n\x1a\n'
+    return struct.unpack('>II', head[16:24])
+
+
+def _fake_run(root, name, top1):
+    run = os.path.join(root, name)
+    os.makedirs(run)
+    with open(os.path.join(run, 'summary.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5'])
+        for e, acc in enumerate(top1):
+            w.writerow([e, 2.0 / (e + 1), 1.0, acc, 99.0])
+    return run
+
+
+def test_plot_cli_png(tmp_path):
+    pytest.importorskip('matplotlib')
+    runs = [_fake_run(tmp_path, 'tffd-seed0', [50, 60, 70]), _fake_run(tmp_path, 'tffd-seed1', [52, 61, 69]),
+            _fake_run(tmp_path, 'baseline-seed0', [48, 58, 66])]
+    assert list(group_runs(runs)) == ['tffd', 'baseline']
+    out = tmp_path / 'curves.png'
+    proc = subprocess.run([sys.executable, '-m', 'timm_tffd.plot', *runs, '--out', str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert _png_size(out) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def test_plot_cli_rejects_non_runs(tmp_path):
+    proc = subprocess.run([sys.executable, '-m', 'timm_tffd.plot', str(tmp_path), '--out', str(tmp_path / 'x.png')],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and 'not a training output folder' in proc.stderr
+    assert not (tmp_path / 'x.png').exists()
+
+
+def test_read_summary(tmp_path):
+    run = _fake_run(tmp_path, 'r', [10, 20])
+    s = read_summary(run)
+    assert list(s['eval_top1']) == [10, 20] and list(s['train_loss']) == [2.0, 1.0]
+
+
+def test_paired_gain_golden():
+    config, base = [91.0, 92.0, 90.5], [90.0, 91.5, 90.0]
+    # by hand: d = (1, .5, .5), mean 2/3, sd = sqrt(1/12), t(0.975, 2) = 4.302652729911275
+    half = 4.302652729911275 * math.sqrt(1 / 12) / math.sqrt(3)
+    g = paired_gain(config, base)
+    assert g['gain'] == pytest.approx(2 / 3)
+    assert (g['ci_low'], g['ci_high']) == (pytest.approx(2 / 3 - half), pytest.approx(2 / 3 + half))
+    stats = pytest.importorskip('scipy.stats')
+    ci = stats.ttest_rel(config, base).confidence_interval(0.95)
+    assert (g['ci_low'], g['ci_high']) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    one = paired_gain([91.0], [90.0])
+    assert one['gain'] == 1.0 and math.isnan(one['ci_low'])
+    with pytest.raises(ValueError, match='as many runs'):
+        paired_gain([1.0], [1.0, 2.0])
+
+
+def test_summarize_golden():
+    s = summarize([90.0, 92.0, 94.0])
+    assert s == {'mean': 92.0, 'std': 2.0, 'n': 3}
