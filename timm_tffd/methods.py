@@ -4,15 +4,18 @@ A method is built once per wrapped model from a ``MethodContext`` (the model and
 options, and returns a callable ``features -> scalar loss``. ``wrap()`` routes each option to the methods whose builder
 names it, so ``wrap(model, 'inter,intra', pairs='adjacent', saliency='entropy')`` configures both methods.
 """
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from .losses.emd import check_emd_options, emd_layer_loss
 from .losses.inter import inter_layer_loss, inter_layer_pairs
 from .losses.intra import intra_layer_loss
+from .losses.many_to_one import channel_groups, many_to_one_loss
 from .losses.saliency import MODEL_SALIENCY, bn_scale_saliency, get_saliency
 
 __all__ = ['MethodContext', 'TfFDMethod', 'register_method', 'get_method', 'list_methods', 'parse_methods',
@@ -136,3 +139,47 @@ def _build_intra(ctx: MethodContext, saliency: str = 'norm', detach_salient: boo
 # also seed 001's alpha and beta. Its README's example command uses 0.0005 / 0.0008 instead.
 register_method('inter', _build_inter, 0.005, 'deep stage outputs supervise shallow ones (l2)')
 register_method('intra', _build_intra, 0.0004, 'salient channels supervise redundant ones in the same stage (l2)')
+
+
+def _check_two_stages(ctx: MethodContext, method: str):
+    if len(ctx.indices) < 2:
+        raise ValueError(f'{method} needs at least two stages, got {len(ctx.indices)} (stages {ctx.indices}: '
+                         f'{ctx.modules})')
+
+
+# Seed 002 names EMD-l2 matching and many-to-one distillation without their settings. The pairs default to inter's
+# 'all' (the reference code); the solver and remainder defaults are discussed in losses/emd.py and many_to_one.py.
+def _build_emd(
+        ctx: MethodContext,
+        emd_grid: Optional[int] = None,
+        emd_pairs: str = 'all',
+        emd_eps: float = 0.02,
+        emd_iters: int = 50,
+) -> LossFn:
+    _check_two_stages(ctx, 'EMD-l2 matching')
+    inter_layer_pairs(len(ctx.indices), emd_pairs)  # validates the name
+    check_emd_options(emd_grid, emd_eps, emd_iters)
+    return functools.partial(emd_layer_loss, pairs=emd_pairs, grid=emd_grid, eps=emd_eps, iters=emd_iters)
+
+
+def _build_m2o(ctx: MethodContext, m2o_pairs: str = 'all', m2o_remainder: str = 'spread') -> LossFn:
+    _check_two_stages(ctx, 'many-to-one distillation')
+    narrower = []
+    for s, t in inter_layer_pairs(len(ctx.indices), m2o_pairs):
+        if ctx.channels[t] < ctx.channels[s]:
+            narrower.append(f'{ctx.modules[t]} ({ctx.channels[t]}) for {ctx.modules[s]} ({ctx.channels[s]})')
+        else:
+            channel_groups(ctx.channels[s], ctx.channels[t], m2o_remainder)  # validates the remainder
+    if narrower:
+        raise ValueError(f'many-to-one distillation needs at least as many channels in the deep stage as in the '
+                         f'shallow one; deep stages with fewer: {", ".join(narrower)}. Choose stages= or m2o_pairs=')
+    return functools.partial(many_to_one_loss, pairs=m2o_pairs, remainder=m2o_remainder)
+
+
+# Default weights: inter's 0.005 for both (seed 002 gives none). With the deep side detached, all three losses give a
+# shallow value the gradient 2 (s - target) / numel, the target being one deep channel at the same position for inter,
+# the mean of a deep channel group for m2o, and the plan-weighted average of the matched deep descriptors for EMD. The
+# values share inter's scale too: EMD is at most inter's value for the same pair (up to the entropic bias), m2o is the
+# mse to the group mean plus a constant. Equal weights give the three terms the same strength.
+register_method('emd', _build_emd, 0.005, 'deep local descriptors supervise shallow ones up to a matching (EMD-l2)')
+register_method('m2o', _build_m2o, 0.005, 'each shallow channel is supervised by a group of deep channels (l2)')

@@ -6,11 +6,19 @@ smaller size, both cut to the first ``min(C_s, C_d)`` channels, the deep map det
 descriptors, with uniform weights ``1 / N``, are matched by optimal transport with the squared-l2 ground cost
 ``M_ij = ||x_i - y_j||^2``; the pair loss is the transport cost ``sum_ij P_ij M_ij / C``, averaged over the batch.
 
-* Scale: with the identity plan ``P = I / N`` this is exactly inter-layer's mean squared error, and the optimal plan
-  can only lower it: the EMD-l2 term is inter's term with the spatial correspondence relaxed to the best matching.
-* Solver: ``sinkhorn_plan``, a batched log-domain Sinkhorn (entropic OT, Cuturi 2013) with a fixed iteration count,
-  run without autograd. ``eps`` is relative to each problem's mean cost, so one value fits every layer and every
-  stage of training. ``benchmarks/emd_solver.py`` compares it with POT (``ot.batch.solve_batch``, ``ot.emd``).
+* Scale: with the identity plan ``P = I / N`` this is exactly inter-layer's mean squared error, and the exact optimal
+  plan can only lower it: the EMD-l2 term is inter's term with the spatial correspondence relaxed to the best
+  matching (the entropic plan adds a small positive bias that shrinks with ``eps``).
+* Solver: ``sinkhorn_plan``, a batched entropic OT solver (Sinkhorn, Cuturi 2013) with a fixed iteration count and
+  no host synchronization, run without autograd. ``eps`` is relative to each problem's mean cost, so one value fits
+  every layer and every stage of training. It was kept over POT's batched log-domain Sinkhorn
+  (``ot.batch.solve_batch``): the same plans and costs at the same eps and iterations, 2-4x faster at the defaults on
+  a CPU (more at small eps), and no extra dependency. ``benchmarks/emd_solver.py`` has the comparison, with POT's
+  exact ``ot.emd`` and SciPy's assignment.
+* Defaults (seed 002 gives no solver settings): ``eps=0.02`` and 50 iterations, within 0.1-0.4% of the exact EMD
+  on the benchmark's problems of 16 to 196 points, row sums within about 4% of 1 / N; ``grid=None`` keeps every
+  position of the aligned map. The solver's cost grows as N^2: pool large maps with ``grid`` (``emd_grid`` in
+  ``wrap()``).
 * Gradients treat the plan as a constant (envelope theorem): the exact gradient of the entropic OT objective, and of
   the exact EMD wherever its optimal plan is unique. The loss is evaluated as
   ``sum_i r_i |x_i|^2 + sum_j c_j |y_j|^2 - 2 <x, P y>`` (r, c: the plan's marginals), so the backward pass needs
@@ -37,29 +45,46 @@ def check_emd_options(grid: Optional[int], eps: float, iters: int):
         raise ValueError(f'EMD iters must be a positive integer, got {iters!r}')
 
 
+def _plan(f: torch.Tensor, g: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    # exp(-80) ~ 2e-35 is still a normal float32: subnormal entries would slow the matrix products on CPUs many times
+    return torch.exp((f + g - scaled).clamp_min(-80.))
+
+
 @torch.no_grad()
 def sinkhorn_plan(cost: torch.Tensor, eps: float = 0.02, iters: int = 50) -> torch.Tensor:
-    """Entropic optimal transport plans between uniform weights, batched, in the log domain.
+    """Entropic optimal transport plans between uniform weights, batched (Sinkhorn, Cuturi 2013).
+
+    Log-stabilized (Schmitzer 2019): the first iteration runs in the log domain, which balances every row and column
+    without underflow even for far-apart points; the others are plain scaling updates, two batched matrix-vector
+    products each instead of two log-sum-exps over the N x M matrix, run in blocks of 10 after which the scalings are
+    absorbed into the dual potentials and the kernel is rebuilt from them, so that no scaling leaves float32 range
+    and entries that underflowed earlier can regain mass.
 
     Args:
         cost: (B, N, M) ground costs.
-        eps: Entropic regularization relative to each problem's mean cost (smaller: closer to the exact EMD, slower
-            to converge).
-        iters: Sinkhorn iterations (each updates both potentials).
+        eps: Entropic regularization relative to each problem's mean cost; smaller is closer to the exact EMD and
+            converges more slowly.
+        iters: Sinkhorn iterations (each updates both marginals).
 
     Returns:
-        (B, N, M) plans; each sums to 1, its column sums are exactly ``1 / M`` and its row sums approach ``1 / N``.
+        (B, N, M) float32 plans; the column sums are ``1 / M`` and the row sums approach ``1 / N``.
     """
     b, n, m = cost.shape
     cost = cost.float()
     scaled = cost / (eps * cost.mean((1, 2), keepdim=True).clamp_min(1e-12))
-    f = cost.new_zeros(b, n, 1)
-    g = cost.new_zeros(b, 1, m)
-    for _ in range(iters):
-        # dual potentials in units of eps: f_i = log(1/N) - LSE_j(g_j - C_ij), g_j = log(1/M) - LSE_i(f_i - C_ij)
-        f = -math.log(n) - torch.logsumexp(g - scaled, dim=2, keepdim=True)
-        g = -math.log(m) - torch.logsumexp(f - scaled, dim=1, keepdim=True)
-    return torch.exp(f + g - scaled)
+    tiny = torch.finfo(scaled.dtype).tiny
+    # dual potentials in units of eps: f_i = log(1/N) - LSE_j(g_j - C_ij/eps), g_j = log(1/M) - LSE_i(f_i - C_ij/eps)
+    f = -math.log(n) - torch.logsumexp(-scaled, dim=2, keepdim=True)
+    g = -math.log(m) - torch.logsumexp(f - scaled, dim=1, keepdim=True)
+    for start in range(1, iters, 10):
+        kernel = _plan(f, g, scaled)
+        v = cost.new_ones(b, m, 1)
+        for _ in range(min(10, iters - start)):
+            u = (1 / n) / torch.bmm(kernel, v).clamp_min(tiny)
+            v = (1 / m) / torch.bmm(kernel.transpose(1, 2), u).clamp_min(tiny)
+        f = f + u.log()
+        g = g + v.log().transpose(1, 2)
+    return _plan(f, g, scaled)
 
 
 def emd_l2(
@@ -77,14 +102,15 @@ def emd_l2(
         iters: See ``sinkhorn_plan``.
 
     Returns:
-        (B,) transport costs ``sum_ij P_ij ||x_i - y_j||^2 / C``, computed in float32.
+        (B,) transport costs ``sum_ij P_ij ||x_i - y_j||^2 / C``, computed in float32 (also under autocast).
     """
-    x, y = x.float(), y.float()
-    x2, y2 = x.pow(2).sum(-1), y.pow(2).sum(-1)
-    with torch.no_grad():
-        cost = (x2.unsqueeze(2) + y2.unsqueeze(1)).baddbmm(x, y.transpose(1, 2), alpha=-2).clamp_min(0)
-        plan = sinkhorn_plan(cost, eps, iters)
-    value = (plan.sum(2) * x2).sum(1) + (plan.sum(1) * y2).sum(1) - 2 * (x * torch.bmm(plan, y)).sum((1, 2))
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        x2, y2 = x.pow(2).sum(-1), y.pow(2).sum(-1)
+        with torch.no_grad():
+            cost = (x2.unsqueeze(2) + y2.unsqueeze(1)).baddbmm(x, y.transpose(1, 2), alpha=-2).clamp_min(0)
+            plan = sinkhorn_plan(cost, eps, iters)
+        value = (plan.sum(2) * x2).sum(1) + (plan.sum(1) * y2).sum(1) - 2 * (x * torch.bmm(plan, y)).sum((1, 2))
     return value / x.shape[-1]
 
 

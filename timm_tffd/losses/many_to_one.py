@@ -1,0 +1,97 @@
+"""Many-to-one channel distillation: each shallow channel is supervised by a group of deep channels (seed 002).
+
+For a top-down pair (shallow, deep) the maps are average-pooled to a common spatial size as in inter-layer Tf-FD
+(with its pooling: each map pooled once per size), the deep map is detached, and its ``C_d`` channels are split into
+``C_s`` contiguous groups, one per shallow channel, of ``k = C_d / C_s`` channels. The pair loss is the mean over
+shallow channels c of the mean squared error between channel c and every deep channel of its group ``G_c``:
+
+    L = 1/C_s sum_c 1/|G_c| sum_{j in G_c} mean_{b,h,w} (s_c - d_j)^2
+
+When ``C_s`` does not divide ``C_d`` (``C_d = k C_s + r``), ``remainder`` decides:
+
+* ``'spread'`` (default): the first r groups get k + 1 channels, the others k; every deep channel is used once.
+* ``'drop'``: every group gets k channels and the last r deep channels are left out, as inter-layer leaves out the
+  channels past ``C_s``.
+
+``C_d < C_s`` leaves some shallow channel without a group and is an error.
+
+Gradient equivalence with matching the group mean: expanding the square, ``L = mse(s, d_bar) + V`` where ``d_bar_c``
+is the mean of group ``G_c`` and ``V`` is the within-group variance of the deep map. The deep map is detached, so V
+is a constant and L has exactly the gradient of ``mse(s, d_bar)`` -- for every group size, because each group is
+averaged over its own size before the groups are averaged. The equivalence would break if the deep side received
+gradients, or if the loss averaged over all (shallow, deep) channel pairs at once with unequal groups (larger groups
+would then weigh more). The loss is computed in this form: one reshape-mean instead of k copies of the shallow map.
+"""
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .inter import _Pooler, inter_layer_pairs
+
+__all__ = ['many_to_one_loss', 'channel_groups', 'REMAINDERS']
+
+REMAINDERS = ('spread', 'drop')
+
+
+def channel_groups(c_shallow: int, c_deep: int, remainder: str = 'spread') -> List[int]:
+    """Sizes of the contiguous deep-channel groups, one per shallow channel (they sum to the deep channels used).
+
+    Args:
+        c_shallow: Shallow channels C_s.
+        c_deep: Deep channels C_d (at least C_s).
+        remainder: ``'spread'`` or ``'drop'`` (see the module docstring).
+    """
+    if remainder not in REMAINDERS:
+        raise ValueError(f'unknown many-to-one remainder {remainder!r}; choose from {", ".join(REMAINDERS)}')
+    if c_deep < c_shallow:
+        raise ValueError(f'many-to-one distillation needs at least as many deep channels as shallow ones, got '
+                         f'{c_deep} deep for {c_shallow} shallow')
+    k, r = divmod(c_deep, c_shallow)
+    if remainder == 'drop':
+        return [k] * c_shallow
+    return [k + 1] * r + [k] * (c_shallow - r)
+
+
+def _group_mean(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """Mean of each contiguous group of ``sizes`` channels along dim 1."""
+    means = []
+    start = 0
+    for size in sorted(set(sizes), reverse=True):  # runs of equal size (at most two): one reshape each
+        count = sizes.count(size)
+        means.append(x[:, start:start + count * size].unflatten(1, (count, size)).mean(2))
+        start += count * size
+    return torch.cat(means, 1)
+
+
+def many_to_one_loss(
+        features: Sequence[torch.Tensor],
+        pairs: str = 'all',
+        remainder: str = 'spread',
+) -> torch.Tensor:
+    """Many-to-one channel distillation loss, the mean over top-down pairs of the pair loss L above.
+
+    Args:
+        features: NCHW maps, shallow to deep.
+        pairs: ``'all'`` or ``'adjacent'`` (see ``timm_tffd.losses.inter_layer_pairs``); deep always teaches shallow.
+        remainder: ``'spread'`` or ``'drop'``: the groups when C_s does not divide C_d.
+    """
+    index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
+    students, targets, mean_squares = {}, {}, {}
+    total = 0.
+    for s, t in index_pairs:
+        fs, ft = features[s], features[t]
+        sizes = channel_groups(fs.shape[1], ft.shape[1], remainder)
+        if s not in students:
+            students[s] = _Pooler(fs)
+        if t not in targets:
+            targets[t] = _Pooler(ft.detach())
+        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+        deep = targets[t](size)
+        group_mean = _group_mean(deep, sizes)
+        if (t, size) not in mean_squares:  # E[d_j^2] per deep channel, shared by every pair with this target
+            mean_squares[(t, size)] = deep.pow(2).mean((0, 2, 3)).unsqueeze(0)
+        # V = mean_c (mean_{j in G_c} E[d_j^2] - E[d_bar_c^2]): the within-group variance, without a pass over d - d_bar
+        variance = (_group_mean(mean_squares[(t, size)], sizes) - group_mean.pow(2).mean((0, 2, 3))).mean()
+        total = total + F.mse_loss(students[s](size), group_mean) + variance
+    return total / len(index_pairs)
