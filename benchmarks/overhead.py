@@ -10,6 +10,10 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
   before it (activations, gradients and temporaries; parameters and optimizer state are already resident).
 
+* Teacher-based configurations (SFD, timm's LogitDistillationTask and FeatureDistillationTask, teacher resnet50) run
+  for the other models only; their ratio "with teacher training" adds one resnet50 baseline step (measured in the same
+  run) to each student step: a teacher trained for as many steps as the student.
+
     python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
 """
@@ -26,11 +30,12 @@ from typing import Callable, Dict
 import torch
 import torch.nn as nn
 import timm
-from timm.task import ClassificationTask
+from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistillationTask
 
 import timm_tffd
 
 DEFAULT_MODELS = ('resnet18', 'resnet50', 'vit_small_patch16_224')
+TEACHER = 'resnet50'  # the teacher of the teacher-based configurations (random weights: the cost is the same)
 
 
 def _tffd(methods: str, **options) -> Callable:
@@ -40,13 +45,27 @@ def _tffd(methods: str, **options) -> Callable:
     return build
 
 
+def _teacher() -> nn.Module:
+    return timm.create_model(TEACHER, num_classes=1000)
+
+
 # configuration name -> task builder; each task's forward(input, target) returns a dict with 'loss'
 CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
     'baseline': lambda model: ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False),
     'inter': _tffd('inter'),
     'intra': _tffd('intra'),
     'inter+intra': _tffd('inter,intra'),
+    'm2o': _tffd('m2o'),
+    'emd': _tffd('emd'),
+    'emd-grid7': _tffd('emd', emd_grid=7),
+    # teacher-based, student != TEACHER only
+    'sfd-ri': lambda model: timm_tffd.SFDTask(model, _teacher(), integrator='ri', verbose=False),
+    'timm-logit-kd': lambda model: LogitDistillationTask(model, _teacher(), nn.CrossEntropyLoss(), temperature=4.,
+                                                         verbose=False),
+    'timm-feature-kd': lambda model: FeatureDistillationTask(model, _teacher(), nn.CrossEntropyLoss(),
+                                                             verbose=False),
 }
+TEACHER_CONFIGS = ('sfd-ri', 'timm-logit-kd', 'timm-feature-kd')
 
 
 def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed: int = 0):
@@ -113,7 +132,8 @@ def measure_time(model_name: str, configs, args) -> Dict[str, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
-    parser.add_argument('--configs', default=','.join(CONFIGS), help=f'any of {", ".join(CONFIGS)}')
+    parser.add_argument('--configs', default='baseline,inter,intra,inter+intra',
+                        help=f'any of {", ".join(CONFIGS)}, or "all"')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--rounds', type=int, default=7, help='timed steps per configuration')
@@ -125,7 +145,7 @@ def main():
     if args.probe:
         print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size)))
         return
-    configs = [c.strip() for c in args.configs.split(',')]
+    configs = list(CONFIGS) if args.configs == 'all' else [c.strip() for c in args.configs.split(',')]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
@@ -134,19 +154,30 @@ def main():
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds')
     results = []
-    header = f'| model | config | step time (ms) | time ratio | step memory (MB) | memory ratio |'
-    print(header + '\n|---|---|---:|---:|---:|---:|')
-    for model_name in args.models.split(','):
-        times = measure_time(model_name, configs, args)
-        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in configs}
-        for c in configs:
+    header = '| model | config | step time (ms) | time ratio | + teacher training | step memory (MB) | memory ratio |'
+    print(header + '\n|---|---|---:|---:|---:|---:|---:|')
+    teacher_step = {}
+    models = args.models.split(',')
+    if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
+        models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
+    for model_name in models:
+        model_configs = [c for c in configs if not (c in TEACHER_CONFIGS and model_name == TEACHER)]
+        times = measure_time(model_name, model_configs, args)
+        teacher_step.setdefault(model_name, times['baseline'])
+        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
+        for c in model_configs:
             row = {'model': model_name, 'config': c, 'time_ms': times[c] * 1e3,
                    'time_ratio': times[c] / times['baseline']}
+            if c in TEACHER_CONFIGS and TEACHER in teacher_step:
+                row['time_ratio_with_teacher_training'] = (times[c] + teacher_step[TEACHER]) / times['baseline']
             if mem:
                 row.update(step_mb=mem[c]['step_mb'], memory_ratio=mem[c]['step_mb'] / mem['baseline']['step_mb'])
             results.append(row)
             mem_cols = f'{row["step_mb"]:.0f} | {row["memory_ratio"]:.3f}' if mem else '- | -'
-            print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | {mem_cols} |', flush=True)
+            with_teacher = row.get('time_ratio_with_teacher_training')
+            with_teacher = f'{with_teacher:.3f}' if with_teacher else '-'
+            print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | {with_teacher} | '
+                  f'{mem_cols} |', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'args': vars(args), 'results': results}, f, indent=2)
