@@ -34,15 +34,20 @@ from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
-    ClassificationTask, TrainingTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint)
+    ClassificationTask, LogitDistillationTask, TrainingTask, evaluation_sample_limit, load_task_ema_checkpoint,
+    resume_task_checkpoint)
 from timm.utils import NativeScaler
 
-from timm_tffd import TfFDTask
+from timm_tffd import SFDTask, TfFDTask, wrap
+from timm_tffd.kd import TfFDLogitDistillationTask
+from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntropy
+from timm_tffd.self_distill import SELF_DISTILL_MODES, parse_tau
+from timm_tffd.teacher import create_teacher
 from timm_tffd.checkpoint import AtomicCheckpointSaver, atomic_write_text
 from timm_tffd.data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST
 from timm_tffd.data.subset import SampledSubset
 from timm_tffd.loss_meter import LossMeter
-from timm_tffd.losses.inter import PAIRS
+from timm_tffd.losses.inter import DIRECTIONS, PAIRS
 from timm_tffd.losses.saliency import MODEL_SALIENCY, SALIENCY
 from timm_tffd.methods import get_method, list_methods, method_options, parse_methods
 from timm_tffd.train_compat import add_timm_argument, add_unsupported_arguments, load_config
@@ -59,15 +64,101 @@ _BAR_REFRESH = 10  # steps between progress-bar refreshes (each reads the runnin
 # Arguments
 # ------------------------------------------------------------------------------------------------------------------
 
-def _tffd_defaults() -> Dict[str, object]:
-    """Tf-FD flag defaults, read from the method registry so that the help and args.yaml show real values."""
-    options = method_options(['inter', 'intra'])
-    return dict(
-        tffd_inter_weight=get_method('inter').default_weight,
-        tffd_intra_weight=get_method('intra').default_weight,
-        tffd_pairs=options['pairs'],
-        tffd_saliency=options['saliency'],
-    )
+# Command-line form of every method option (``wrap()`` keyword -> flag type, choices and help). The flags are
+# ``--tffd-<option>``; each method also gets ``--tffd-<method>-weight``. Defaults come from the method registry.
+_TFFD_OPTION_FLAGS = {
+    'pairs': dict(type=str, choices=PAIRS, help='inter-layer stage pairs: all (reference code, CIFAR) or adjacent '
+                                                '(ImageNet, Tf-FD supplementary)'),
+    'direction': dict(type=str, choices=DIRECTIONS, help='inter-layer direction (seed 001 ablation)'),
+    'saliency': dict(type=str, choices=list(SALIENCY) + list(MODEL_SALIENCY),
+                     help='intra-layer channel saliency (norm: the reference code)'),
+    'detach_salient': dict(action='store_true', help='intra-layer: no gradient into the salient half'),
+    'emd_grid': dict(type=int, metavar='G', help='EMD: pool both maps to a GxG grid of local positions (default: '
+                                                 'all positions)'),
+    'emd_pairs': dict(type=str, choices=PAIRS, help='EMD stage pairs'),
+    'emd_eps': dict(type=float, help='EMD: entropic regularization, relative to the mean cost'),
+    'emd_iters': dict(type=int, help='EMD: Sinkhorn iterations'),
+    'm2o_pairs': dict(type=str, choices=PAIRS, help='many-to-one stage pairs'),
+    'm2o_remainder': dict(type=str, choices=('spread', 'drop'),
+                          help='many-to-one: deep channels left over when C_deep %% C_shallow != 0'),
+}
+
+
+def _tffd_option_owners() -> Dict[str, List[str]]:
+    """``args`` attribute of every method flag -> the methods that use it."""
+    owners: Dict[str, List[str]] = {}
+    for m in list_methods():
+        owners.setdefault(f'tffd_{m}_weight', []).append(m)
+        for option in get_method(m).options():
+            owners.setdefault(f'tffd_{option}', []).append(m)
+    return owners
+
+
+def _add_tffd_arguments(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group('Teacher-free Feature Distillation (not timm arguments)')
+    group.add_argument('--tffd', type=str, default=None, metavar='METHODS',
+                       help=f'comma-separated Tf-FD methods, e.g. inter,intra (known: {", ".join(list_methods())}); '
+                            f'none: plain timm training')
+    for m in list_methods():
+        method = get_method(m)
+        group.add_argument(f'--tffd-{m}-weight', type=float, default=method.default_weight, metavar='W',
+                           help=f'{m} loss weight: {method.description} (default: %(default)s)')
+    group.add_argument('--tffd-warmup-epochs', type=float, default=20, metavar='N',
+                       help='linear warm-up of the Tf-FD weights over N epochs, 0 for none (default: 20, the '
+                            'reference code)')
+    group.add_argument('--tffd-early-decay', type=float, nargs=2, default=None, metavar=('START', 'END'),
+                       help='early decay: the Tf-FD weights fall linearly to 0 between these epochs (default: none)')
+    group.add_argument('--tffd-stages', type=int, nargs='+', default=None, metavar='I',
+                       help='feature_info indices of the tapped stages (default: all but the stem)')
+    group.add_argument('--tffd-preact', action='store_true',
+                       help='tap stage outputs before their closing ReLU (ResNet-style stages)')
+    defaults = method_options(list_methods())
+    for option, spec in _TFFD_OPTION_FLAGS.items():
+        spec = dict(spec)
+        if spec.get('action') != 'store_true':
+            spec['help'] += ' (default: %(default)s)'
+        group.add_argument(f'--tffd-{option.replace("_", "-")}', default=defaults[option], **spec)
+
+
+def _add_teacher_arguments(parser: argparse.ArgumentParser):
+    add = add_timm_argument
+    group = parser.add_argument_group('Teacher: logit KD (timm\'s names) and SFD')
+    add(group, 'kd_model_name', '--teacher', type=str, metavar='NAME',
+        help='teacher model: a timm name (with --teacher-checkpoint, or timm\'s pretrained weights), hf-hub:org/name or '
+             'local-dir:PATH. Alone: logit KD; with --sfd: SFD')
+    group.add_argument('--teacher-checkpoint', type=str, default=None, metavar='PATH',
+                       help='teacher weights: a .safetensors file, a training checkpoint (read with '
+                            'weights_only=True) or hf-hub:org/name (not a timm argument)')
+    group.add_argument('--teacher-mean', type=float, nargs='+', default=None, metavar='MEAN',
+                       help='normalization mean the teacher was trained with (default: the student\'s for a '
+                            '--teacher-checkpoint, else the teacher\'s pretrained cfg)')
+    group.add_argument('--teacher-std', type=float, nargs='+', default=None, metavar='STD',
+                       help='normalization std the teacher was trained with (default: as --teacher-mean)')
+    add(group, 'kd_distill_type', type=str, choices=('logit',), help='distillation type (only logit; SFD: --sfd)')
+    add(group, 'kd_loss_type', type=str, choices=('kl',), help='logit distillation loss (default: kl)')
+    add(group, 'distill_loss_weight', type=float, help='weight of the KD term (see timm\'s LogitDistillationTask)')
+    add(group, 'task_loss_weight', type=float, help='weight of the classification term (see timm\'s '
+                                                    'LogitDistillationTask)')
+    add(group, 'kd_temperature', type=float, help='softmax temperature of logit KD (default: 4)')
+    group.add_argument('--sfd', type=str, nargs='?', const='ri', default=None, choices=('li', 'ai', 'ri'),
+                       help='SFD feature distillation from the teacher with this integrator (default when given '
+                            'without value: ri, the paper\'s default)')
+    group.add_argument('--sfd-weight', type=float, default=3.0, metavar='W',
+                       help='SFD loss weight (default: 3, seed 004)')
+
+    group = parser.add_argument_group('Self-distillation SD / RSD (seed 004, eqs. 8-9; not timm arguments)')
+    group.add_argument('--self-distill', type=str, default=None, metavar='MODE',
+                       help='after each epoch, theta <- tau theta + (1 - tau) theta_prev: "sd", or "rsd" (previous '
+                            'conv kernels flipped horizontally with p = 0.5)')
+    group.add_argument('--sd-tau', type=str, default='0.995,0.999', metavar='START,END',
+                       help='tau, ramped linearly over the epochs (default: %(default)s, seed 004 Table 2)')
+
+    group = parser.add_argument_group('Dynamic label smoothing (not timm arguments)')
+    group.add_argument('--smoothing-schedule', type=str, default='constant', choices=SCHEDULES,
+                       help='how --smoothing changes over the epochs: constant (timm), linear or cosine to '
+                            '--smoothing-end, or adaptive (per sample, smoothing * p(target)) (default: constant)')
+    group.add_argument('--smoothing-end', type=float, default=None, metavar='S',
+                       help='smoothing at the last epoch for linear / cosine (default: 0)')
 
 
 def _build_parsers():
@@ -183,31 +274,8 @@ def _build_parsers():
     add(group, 'experiment', type=str, metavar='NAME', help='output sub-folder (default: date-model-size)')
     add(group, 'log_wandb', action='store_true', help='log the summary rows to Weights & Biases')
 
-    tffd = _tffd_defaults()
-    group = parser.add_argument_group('Teacher-free Feature Distillation (not timm arguments)')
-    group.add_argument('--tffd', type=str, default=None, metavar='METHODS',
-                       help=f'comma-separated Tf-FD methods, e.g. inter,intra (known: {", ".join(list_methods())}); '
-                            f'none: plain timm training')
-    group.add_argument('--tffd-inter-weight', type=float, default=tffd['tffd_inter_weight'], metavar='W',
-                       help='inter-layer loss weight (default: %(default)s, the reference code\'s lambda_inter)')
-    group.add_argument('--tffd-intra-weight', type=float, default=tffd['tffd_intra_weight'], metavar='W',
-                       help='intra-layer loss weight (default: %(default)s, the reference code\'s lambda_intra)')
-    group.add_argument('--tffd-warmup-epochs', type=float, default=20, metavar='N',
-                       help='linear warm-up of the Tf-FD weights over N epochs, 0 for none (default: 20, the '
-                            'reference code)')
-    group.add_argument('--tffd-early-decay', type=float, nargs=2, default=None, metavar=('START', 'END'),
-                       help='early decay: the Tf-FD weights fall linearly to 0 between these epochs (default: none)')
-    group.add_argument('--tffd-stages', type=int, nargs='+', default=None, metavar='I',
-                       help='feature_info indices of the tapped stages (default: all but the stem)')
-    group.add_argument('--tffd-saliency', type=str, default=tffd['tffd_saliency'],
-                       choices=list(SALIENCY) + list(MODEL_SALIENCY),
-                       help='intra-layer channel saliency (default: %(default)s, the reference code)')
-    group.add_argument('--tffd-pairs', type=str, default=tffd['tffd_pairs'], choices=PAIRS,
-                       help='inter-layer stage pairs: all (reference code, CIFAR) or adjacent (ImageNet, Tf-FD '
-                            'supplementary) (default: %(default)s)')
-    group.add_argument('--tffd-preact', action='store_true',
-                       help='tap stage outputs before their closing ReLU (ResNet-style stages)')
-
+    _add_tffd_arguments(parser)
+    _add_teacher_arguments(parser)
     add_unsupported_arguments(parser)
     return config_parser, parser
 
@@ -216,6 +284,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse a timm-style command line (with an optional ``-c`` YAML config); returns ``(args, args_text)``."""
     config_parser, parser = _build_parsers()
     tffd_defaults = {a.dest: a.default for a in parser._actions if a.dest.startswith('tffd_')}  # before -c
+    teacher_defaults = {a.dest: a.default for a in parser._actions}
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
         try:
@@ -227,6 +296,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     _check_args(args, parser)
     _check_tffd_args(args, parser, tffd_defaults)
+    _check_teacher_args(args, parser, teacher_defaults)
     return args, args_text
 
 
@@ -279,12 +349,10 @@ def _check_tffd_args(args, parser: argparse.ArgumentParser, defaults: Dict[str, 
         methods = parse_methods(args.tffd)
     except ValueError as e:
         parser.error(f'--tffd: {e}')
-    owners = dict(tffd_inter_weight='inter', tffd_pairs='inter', tffd_intra_weight='intra', tffd_saliency='intra')
-    for key, method in owners.items():
-        if method not in methods and getattr(args, key) != defaults[key]:
-            parser.error(f'--{key.replace("_", "-")} needs {method} in --tffd (got --tffd {args.tffd})')
-    for key in ('tffd_inter_weight', 'tffd_intra_weight'):
-        if not getattr(args, key) >= 0:
+    for key, users in _tffd_option_owners().items():
+        if not set(users) & set(methods) and getattr(args, key) != defaults[key]:
+            parser.error(f'--{key.replace("_", "-")} needs {" or ".join(users)} in --tffd (got --tffd {args.tffd})')
+        if key.endswith('_weight') and not getattr(args, key) >= 0:
             parser.error(f'--{key.replace("_", "-")} must be >= 0')
     if args.tffd_warmup_epochs < 0:
         parser.error('--tffd-warmup-epochs must be >= 0')
@@ -292,36 +360,107 @@ def _check_tffd_args(args, parser: argparse.ArgumentParser, defaults: Dict[str, 
         parser.error(f'--tffd-early-decay START END needs 0 <= START < END, got {args.tffd_early_decay}')
 
 
+def _check_teacher_args(args, parser: argparse.ArgumentParser, defaults: Dict[str, object]):
+    """Teacher, SFD, SD/RSD and dynamic smoothing flags: valid values and combinations that make sense."""
+    if not args.kd_model_name:
+        changed = [k for k in ('teacher_checkpoint', 'teacher_mean', 'teacher_std', 'sfd', 'sfd_weight',
+                               'distill_loss_weight', 'task_loss_weight', 'kd_temperature') if
+                   getattr(args, k) != defaults[k]]
+        if changed:
+            flags = ', '.join('--' + k.replace('_', '-') for k in changed)
+            parser.error(f'{flags} need a teacher (--teacher NAME)')
+    elif args.self_distill and not args.sfd:
+        parser.error('--self-distill with logit KD is not supported; use it alone, with --tffd, or with --teacher '
+                     'and --sfd')
+    if args.self_distill is not None and args.self_distill not in SELF_DISTILL_MODES:
+        parser.error(f'--self-distill: unknown mode {args.self_distill!r}; valid: {", ".join(SELF_DISTILL_MODES)}')
+    try:
+        args.sd_tau = parse_tau(args.sd_tau)
+    except ValueError as e:
+        parser.error(f'--sd-tau: {e}')
+    if args.smoothing_schedule == 'constant':
+        if args.smoothing_end is not None:
+            parser.error('--smoothing-end needs --smoothing-schedule linear or cosine')
+    else:
+        if args.bce_loss:
+            parser.error(f'--smoothing-schedule {args.smoothing_schedule} works with softmax cross-entropy, not '
+                         f'--bce-loss')
+        for flag, value in (('--smoothing', args.smoothing), ('--smoothing-end', args.smoothing_end)):
+            if value is not None and not 0 <= value < 1:
+                parser.error(f'{flag} must be in [0, 1) for a smoothing schedule, got {value}')
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------------------------
 
-def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device: torch.device) -> TrainingTask:
-    """The training task: ``TfFDTask`` with ``--tffd``, timm's ``ClassificationTask`` otherwise.
+def _tffd_setup(args) -> Optional[dict]:
+    """The Tf-FD task keywords (``TfFDTask`` / ``TfFDLogitDistillationTask``) from the flags; ``None`` without
+    ``--tffd``."""
+    if not args.tffd:
+        return None
+    methods = parse_methods(args.tffd)
+    return dict(
+        tffd=methods, stages=args.tffd_stages, preact=args.tffd_preact,
+        method_options={k: getattr(args, f'tffd_{k}') for k in method_options(methods)},
+        weights={m: getattr(args, f'tffd_{m}_weight') for m in methods},
+        warmup_epochs=args.tffd_warmup_epochs, decay=args.tffd_early_decay,
+    )
 
-    This is the one place that decides what a training step computes. The loop calls ``task.set_epoch(epoch)`` before
-    each epoch and ``task.on_train_epoch_end(epoch)`` after it, when the task defines them, and saves
-    ``task.get_task_state()`` in every checkpoint.
+
+def _create_teacher(args, data_config, device):
+    """The frozen teacher (timm's ``DistillationTeacher``), or ``None`` without ``--teacher``."""
+    if not args.kd_model_name:
+        return None
+    mean, std = args.teacher_mean, args.teacher_std
+    if args.teacher_checkpoint and mean is None:  # trained by this pipeline: the student's normalization
+        mean, std = data_config['mean'], data_config['std']
+    return create_teacher(args.kd_model_name, args.teacher_checkpoint, num_classes=args.num_classes,
+                          in_chans=data_config['input_size'][0], mean=mean, std=std, device=device)
+
+
+def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device: torch.device,
+               data_config: dict) -> TrainingTask:
+    """The training task; the one place that decides what a training step computes.
+
+    ============================  ===============================================================================
+    flags                         task
+    ============================  ===============================================================================
+    (none)                        timm ``ClassificationTask``
+    ``--tffd``                    ``TfFDTask``
+    ``--teacher``                 timm ``LogitDistillationTask`` (``TfFDLogitDistillationTask`` with ``--tffd``)
+    ``--teacher --sfd``           ``SFDTask`` (+ Tf-FD terms with ``--tffd``, + SD/RSD with ``--self-distill``)
+    ``--self-distill``            ``SFDTask`` without a teacher (+ Tf-FD terms with ``--tffd``)
+    ============================  ===============================================================================
+
+    The loop calls ``task.set_epoch(epoch)`` (or the criterion's) before each epoch and ``task.on_train_epoch_end(epoch)``
+    after it, when they exist, and saves ``task.get_task_state()`` in every checkpoint.
     """
     verbose = utils.is_primary(args)
-    if not args.tffd:
-        return ClassificationTask(model, criterion, device=device, verbose=verbose)
-    methods = parse_methods(args.tffd)
-    weights = {m: getattr(args, f'tffd_{m}_weight') for m in methods if hasattr(args, f'tffd_{m}_weight')}
-    options = {k: getattr(args, f'tffd_{k}') for k in method_options(methods) if hasattr(args, f'tffd_{k}')}
-    return TfFDTask(
-        model,
-        criterion,
-        tffd=methods,
-        weights=weights,
-        warmup_epochs=args.tffd_warmup_epochs,
-        decay=args.tffd_early_decay,
-        stages=args.tffd_stages,
-        preact=args.tffd_preact,
-        method_options=options,
-        device=device,
-        verbose=verbose,
-    )
+    tffd = _tffd_setup(args)
+    teacher = _create_teacher(args, data_config, device)
+    if args.sfd or args.self_distill:
+        tffd_loss = None
+        if tffd:
+            model = wrap(model, tffd['tffd'], stages=tffd['stages'], preact=tffd['preact'], **tffd['method_options'])
+            tffd_loss = {k: tffd[k] for k in ('weights', 'warmup_epochs', 'decay')}
+        return SFDTask(
+            model, teacher=teacher if args.sfd else None, integrator=args.sfd or 'ri', sfd_weight=args.sfd_weight,
+            self_distill=args.self_distill, sd_tau=args.sd_tau, num_epochs=args.epochs, sd_seed=args.seed,
+            criterion=criterion, tffd_kwargs=tffd_loss, student_mean=data_config['mean'],
+            student_std=data_config['std'], device=device, verbose=verbose)
+    if teacher is not None:
+        # timm's KD tasks read the student's normalization from its pretrained cfg: make it the one trained with
+        model.pretrained_cfg = dict(model.pretrained_cfg, mean=data_config['mean'], std=data_config['std'])
+        kd = dict(loss_type=args.kd_loss_type, distill_loss_weight=args.distill_loss_weight,
+                  task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature, device=device,
+                  verbose=verbose)
+        if tffd:
+            return TfFDLogitDistillationTask(model, teacher, criterion, **tffd, **kd)
+        return LogitDistillationTask(model, teacher, criterion, **kd)
+    if tffd:
+        return TfFDTask(model, criterion, **tffd, device=device, verbose=verbose)
+    return ClassificationTask(model, criterion, device=device, verbose=verbose)
 
 
 class _SetupError(Exception):
@@ -398,7 +537,8 @@ def _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixu
         collate_fn = FastCollateMixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=args.num_classes)
+            label_smoothing=args.smoothing if args.smoothing_schedule == 'constant' else 0.,
+            num_classes=args.num_classes)
     common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
                   distributed=args.distributed, use_prefetcher=args.prefetcher, num_workers=args.workers)
     loader_train = create_loader(
@@ -652,13 +792,17 @@ def _build(args, device, loss_scaler) -> _Setup:
     loader_train, loader_eval = _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixup_active)
     _resolve_lr(args)
 
-    criterion = create_classification_loss(
-        loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=mixup_active,
-        bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.smoothing_schedule == 'constant':
+        criterion = create_classification_loss(
+            loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=mixup_active,
+            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    else:  # mixup's own smoothing is off then (see _create_loaders): the schedule smooths the mixed targets
+        criterion = DynamicLabelSmoothingCrossEntropy(
+            args.smoothing, args.smoothing_end, args.smoothing_schedule, epochs=args.epochs)
     try:
-        task = build_task(args, model, criterion, device)
-    except ValueError as e:  # stage indices, pre-activation taps or saliency that do not fit the model
-        raise _SetupError(f'--tffd {args.tffd} on {args.model}: {e}') from e
+        task = build_task(args, model, criterion, device, data_config)
+    except (ValueError, OSError) as e:  # stages, taps, saliency or a teacher that do not fit the model
+        raise _SetupError(f'{args.model}: {e}') from e
     try:
         optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     except (ValueError, AssertionError) as e:
@@ -728,12 +872,15 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
         for epoch in range(start_epoch, setup.num_epochs):
             utils.random_seed(_epoch_seed(args.seed, epoch), args.rank)
             _set_loader_epoch(loader_train, epoch)
-            if hasattr(task, 'set_epoch'):
-                task.set_epoch(epoch)
+            epoch_aware = task if hasattr(task, 'set_epoch') else getattr(task, 'criterion', None)
+            if hasattr(epoch_aware, 'set_epoch'):  # Tf-FD weight schedule, dynamic label smoothing
+                epoch_aware.set_epoch(epoch)
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, lr_scheduler, args, amp_autocast, loss_scaler)
             if hasattr(task, 'on_train_epoch_end'):  # end-of-epoch parameter updates, identical on every rank
-                task.on_train_epoch_end(epoch)
+                update = task.on_train_epoch_end(epoch)
+                if update and primary:
+                    _logger.info(f'Epoch {epoch}: self-distillation {update}')
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
@@ -754,6 +901,9 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                              f'top-1 {eval_metrics["top1"]:.2f}  top-5 {eval_metrics["top5"]:.2f}')
     except KeyboardInterrupt:
         _logger.warning('Interrupted.')
+    except (ValueError, FloatingPointError) as e:  # a diverged run, or an option that does not fit the feature maps
+        _logger.debug('training stopped', exc_info=True)
+        raise SystemExit(f'error: training stopped: {e}') from None
     finally:
         if created and not saved:
             shutil.rmtree(output_dir, ignore_errors=True)  # nothing resumable: leave no half-made run behind

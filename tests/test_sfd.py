@@ -199,16 +199,16 @@ def test_sfd_with_tffd_and_rsd_in_one_forward():
     w = task.tffd.weights
     want = r['base_loss'] + w['inter'] * r['tffd_inter'] + w['intra'] * r['tffd_intra'] + 3 * r['sfd']
     assert torch.allclose(r['loss'], want)
-    assert task.end_epoch(0)['updated'] is False
+    assert task.on_train_epoch_end(0)['updated'] is False
     _train(task, 1)
-    assert task.end_epoch(1)['tau'] == pytest.approx(0.997)
+    assert task.on_train_epoch_end(1)['tau'] == pytest.approx(0.997)
 
 
 def test_self_distill_without_teacher():
     task = SFDTask(_model('test_resnet'), self_distill='sd', sd_tau='0.99', verbose=False)
     r = _train(task, 1)[0]
     assert set(r) == {'loss', 'output', 'base_loss'}
-    assert task.end_epoch(0) == {'tau': None, 'flipped': False, 'updated': False}
+    assert task.on_train_epoch_end(0) == {'tau': None, 'flipped': False, 'updated': False}
     assert task.trainable_module.integrator is None
 
 
@@ -222,7 +222,7 @@ def test_task_state_round_trip_resumes_exactly(tmp_path):
     task = make()
     for epoch in range(2):
         _train(task, 2, seed=10 * epoch)
-        task.end_epoch(epoch)
+        task.on_train_epoch_end(epoch)
     task.setup_ema(decay=0.9)
     ema_state = task.get_task_state(ema=True)
     assert set(ema_state) == {'sfd'} and 'integrator_state' in ema_state['sfd']
@@ -238,7 +238,7 @@ def test_task_state_round_trip_resumes_exactly(tmp_path):
     assert all(torch.equal(v, resumed.self_distill.prev[k]) for k, v in task.self_distill.prev.items())
     for t in (task, resumed):  # one more epoch on both: identical results
         _train(t, 2, seed=20)
-        t.end_epoch(2)
+        t.on_train_epoch_end(2)
     for k, v in task.trainable_module.state_dict().items():
         assert torch.equal(resumed.trainable_module.state_dict()[k], v), k
 
@@ -282,7 +282,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
             result['loss'].backward()
             opt.step()
             distribute_bn(task.get_trainable_module(), world_size, reduce=True)
-            task.end_epoch(epoch)
+            task.on_train_epoch_end(epoch)
         state = {k: v.detach() for k, v in unwrap_model(task.get_trainable_module()).state_dict().items()}
         state['margin'] = task.teacher.empirical.margin
         torch.save(state, os.path.join(out_dir, f'rank{rank}.pt'))

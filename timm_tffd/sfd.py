@@ -1,7 +1,7 @@
 """``SFDTask``: Self-boosting Feature Distillation (seed 004) as a timm ``TrainingTask``.
 
 ``loss = base(logits, y) [+ Tf-FD terms] + sfd_weight * L_distill(integrator(student stages), teacher feature)``,
-plus the SD / RSD parameter update after every epoch (``end_epoch``). Each part is optional: with no teacher the task
+plus the SD / RSD parameter update after every epoch (``on_train_epoch_end``). Each part is optional: with no teacher the task
 is SD / RSD (and Tf-FD when the student is wrapped) alone.
 
 The integrator trains inside ``SFDTrainableModule`` with the student (so DDP and the optimizer see it) but is not part
@@ -238,7 +238,7 @@ class SFDTask(TrainingTask):
         elif hasattr(self.criterion, 'set_epoch'):
             self.criterion.set_epoch(epoch)
 
-    def end_epoch(self, epoch: int) -> Optional[Dict[str, object]]:
+    def on_train_epoch_end(self, epoch: int) -> Optional[Dict[str, object]]:
         """Apply SD / RSD after (0-based) ``epoch``: call after training, before validation and checkpointing.
         Returns the update's ``tau`` / ``flipped`` / ``updated`` (``None`` without self-distillation)."""
         if self.self_distill is None:

@@ -214,19 +214,20 @@ class _Unsupported(argparse.Action):
                      f'at timm\'s default {self.default!r}); see the README for the supported arguments')
 
 
-def add_timm_argument(group, dest: str, **kwargs) -> argparse.Action:
+def add_timm_argument(group, dest: str, *aliases: str, **kwargs) -> argparse.Action:
     """Add timm ``train.py``'s argument ``dest`` with timm's option strings and default.
 
     Args:
         group: The parser or argument group.
         dest: The argument's name in timm's namespace, e.g. ``'batch_size'``.
+        *aliases: Extra option strings of this script (e.g. ``'--teacher'`` for ``--kd-model-name``).
         **kwargs: ``add_argument`` keywords (type, help, action, ...); ``default`` overrides timm's.
     """
     options, default = TIMM_TRAIN_ARGS[dest]
     kwargs.setdefault('default', default)
     if not options:  # the positional data dir
         return group.add_argument(dest, **kwargs)
-    return group.add_argument(*options, dest=dest, **kwargs)
+    return group.add_argument(*aliases, *options, dest=dest, **kwargs)
 
 
 def add_unsupported_arguments(parser: argparse.ArgumentParser) -> List[str]:
