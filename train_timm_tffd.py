@@ -76,8 +76,8 @@ _TFFD_OPTION_FLAGS = {
     'emd_grid': dict(type=int, metavar='G', help='EMD: pool both maps to a GxG grid of local positions (default: '
                                                  'all positions)'),
     'emd_pairs': dict(type=str, choices=PAIRS, help='EMD stage pairs'),
-    'emd_eps': dict(type=float, help='EMD: entropic regularization, relative to the mean cost'),
-    'emd_iters': dict(type=int, help='EMD: Sinkhorn iterations'),
+    'emd_eps': dict(type=float, metavar='EPS', help='EMD: entropic regularization, relative to the mean cost'),
+    'emd_iters': dict(type=int, metavar='N', help='EMD: Sinkhorn iterations'),
     'm2o_pairs': dict(type=str, choices=PAIRS, help='many-to-one stage pairs'),
     'm2o_remainder': dict(type=str, choices=('spread', 'drop'),
                           help='many-to-one: deep channels left over when C_deep %% C_shallow != 0'),
@@ -115,7 +115,7 @@ def _add_tffd_arguments(parser: argparse.ArgumentParser):
     defaults = method_options(list_methods())
     for option, spec in _TFFD_OPTION_FLAGS.items():
         spec = dict(spec)
-        if spec.get('action') != 'store_true':
+        if spec.get('action') != 'store_true' and 'default:' not in spec['help']:
             spec['help'] += ' (default: %(default)s)'
         group.add_argument(f'--tffd-{option.replace("_", "-")}', default=defaults[option], **spec)
 

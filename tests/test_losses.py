@@ -165,3 +165,4 @@ def test_inter_pooling_composes_for_non_integer_ratios():
     a, b = torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
     expected = F.mse_loss(F.adaptive_avg_pool2d(a, 3), b[:, :3])
     torch.testing.assert_close(inter_layer_loss([a, b]), expected)
+

@@ -44,6 +44,30 @@ def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top
     return out
 
 
+def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
+    """Average pooling with kernel = stride, as a depthwise convolution (oneDNN's depthwise kernel is about 3x faster
+    on CPU than ``avg_pool2d`` on the large shallow maps Tf-FD pools; the result is the same)."""
+    weight = x.new_full((x.shape[1], 1) + tuple(kernel), 1. / (kernel[0] * kernel[1]))
+    return F.conv2d(x, weight, stride=kernel, groups=x.shape[1])
+
+
+class _AvgPool(torch.autograd.Function):
+    """``_avg_pool`` whose backward is one broadcast copy (faster than both ``avg_pool2d``'s and the convolution's
+    backward on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel: Tuple[int, int]):
+        ctx.kernel = kernel
+        return _avg_pool(x, kernel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kh, kw = ctx.kernel
+        b, c, h, w = grad.shape
+        grad = (grad / (kh * kw)).view(b, c, h, 1, w, 1).expand(b, c, h, kh, w, kw)
+        return grad.reshape(b, c, h * kh, w * kw), None
+
+
 class _Pooler:
     """Average-pools one map to several sizes, each from the smallest already pooled map it divides.
 
@@ -61,7 +85,8 @@ class _Pooler:
         if sources:
             src = min(sources)
             kernel = (src[0] // size[0], src[1] // size[1])
-            out = F.avg_pool2d(self.maps[src], kernel)
+            x = self.maps[src]
+            out = _AvgPool.apply(x, kernel) if x.requires_grad else _avg_pool(x, kernel)
         else:  # not an integer ratio: adaptive pooling from the original map
             out = F.adaptive_avg_pool2d(self.maps[max(self.maps)], size)
         self.maps[size] = out
