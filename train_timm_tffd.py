@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
+from torchvision import transforms
 from timm import utils
 from timm.data import FastCollateMixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
@@ -249,6 +250,14 @@ def _build_parsers():
     add(group, 'mixup_prob', type=float, help='probability of mixing a batch (default: 1)')
     add(group, 'mixup_switch_prob', type=float, help='probability of cutmix when both are on (default: 0.5)')
     add(group, 'mixup_mode', type=str, choices=('batch', 'pair', 'elem'), help='mixup granularity (default: batch)')
+    add(group, 'scale', type=float, nargs='+', metavar='PCT', help='random-resized-crop area range (default: 0.08 1)')
+    add(group, 'ratio', type=float, nargs='+', metavar='RATIO', help='random-resized-crop aspect range (default: 3/4 4/3)')
+    add(group, 'hflip', type=float, help='horizontal flip probability (default: 0.5)')
+    add(group, 'color_jitter', type=float, metavar='PCT', help='color jitter factor (default: 0.4)')
+    group.add_argument('--pad-crop', type=int, default=0, metavar='PIX',
+                       help='CIFAR-style augmentation: zero-pad by PIX and randomly crop back, before timm\'s train '
+                            'transform; use with --scale 1 1 --ratio 1 1 --color-jitter 0 for the classic pad-4 crop + '
+                            'flip (not a timm argument)')
     add(group, 'smoothing', type=float, help='label smoothing (default: 0.1)')
     add(group, 'drop', type=float, metavar='PCT', help='dropout rate (default: 0)')
     add(group, 'drop_path', type=float, metavar='PCT', help='drop path rate (default: model default)')
@@ -327,6 +336,10 @@ def _check_args(args, parser: argparse.ArgumentParser):
     for flag, value in (('--max-train-samples', args.max_train_samples), ('--max-val-samples', args.max_val_samples)):
         if value is not None and value < 1:
             parser.error(f'{flag} must be >= 1, got {value}')
+    if args.pad_crop < 0:
+        parser.error(f'--pad-crop must be >= 0, got {args.pad_crop}')
+    if args.pad_crop and args.no_aug:
+        parser.error('--pad-crop is a training augmentation; it cannot go with --no-aug')
     if args.batch_size < 1 or args.epochs < 1:
         parser.error('--batch-size and --epochs must be >= 1')
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -567,6 +580,9 @@ def _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixu
         worker_seeding=args.worker_seeding,
         **common,
     )
+    if args.pad_crop:  # before timm's transform, which then only flips, converts and normalizes (see --pad-crop)
+        loader_train.dataset.transform.transforms.insert(
+            0, transforms.RandomCrop(data_config['input_size'][-2:], padding=args.pad_crop))
     if len(loader_train) == 0:
         raise _SetupError(f'the training split ({len(dataset_train)} samples over {args.world_size} process(es)) is '
                           f'smaller than one batch of {args.batch_size} per process; lower --batch-size')

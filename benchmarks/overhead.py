@@ -3,8 +3,9 @@
 One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, float32.
 
 * Time: every configuration gets its own copy of the same initial model; configurations run interleaved, round after
-  round, so machine-load drift hits all of them alike; the table gives the median step time and its ratio to the
-  baseline's median from the same run.
+  round (alternating their order), and the ratio is the median over rounds of each step's time divided by the baseline
+  step's of the same round: the speed of a shared 2-core machine drifts by 10% between rounds, and a ratio within a
+  round cancels that drift. The table also gives the median step time.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
@@ -115,18 +116,22 @@ def measure_memory(model_name: str, config: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_time(model_name: str, configs, args) -> Dict[str, float]:
+def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
+    """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
+    same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
+    Rounds alternate the order of the configurations (ABBA), so no configuration always runs first."""
     steps = {c: make_step(model_name, c, args.batch_size, args.img_size) for c in configs}
     for s in steps.values():
         for _ in range(args.warmup):
             s()
     times = {c: [] for c in configs}
-    for _ in range(args.rounds):
-        for c, s in steps.items():
+    for r in range(args.rounds):
+        for c in (configs if r % 2 == 0 else configs[::-1]):
             t0 = time.perf_counter()
-            s()
+            steps[c]()
             times[c].append(time.perf_counter() - t0)
-    return {c: statistics.median(v) for c, v in times.items()}
+    return {c: {'median_s': statistics.median(v),
+                'ratio': statistics.median(a / b for a, b in zip(v, times['baseline']))} for c, v in times.items()}
 
 
 def main():
@@ -163,13 +168,14 @@ def main():
     for model_name in models:
         model_configs = [c for c in configs if not (c in TEACHER_CONFIGS and model_name == TEACHER)]
         times = measure_time(model_name, model_configs, args)
-        teacher_step.setdefault(model_name, times['baseline'])
+        teacher_step.setdefault(model_name, times['baseline']['median_s'])
         mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
         for c in model_configs:
-            row = {'model': model_name, 'config': c, 'time_ms': times[c] * 1e3,
-                   'time_ratio': times[c] / times['baseline']}
+            base_s = times['baseline']['median_s']
+            row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
+                   'time_ratio': times[c]['ratio']}
             if c in TEACHER_CONFIGS and TEACHER in teacher_step:
-                row['time_ratio_with_teacher_training'] = (times[c] + teacher_step[TEACHER]) / times['baseline']
+                row['time_ratio_with_teacher_training'] = times[c]['ratio'] + teacher_step[TEACHER] / base_s
             if mem:
                 row.update(step_mb=mem[c]['step_mb'], memory_ratio=mem[c]['step_mb'] / mem['baseline']['step_mb'])
             results.append(row)

@@ -76,3 +76,26 @@ def test_paired_gain_golden():
 def test_summarize_golden():
     s = summarize([90.0, 92.0, 94.0])
     assert s == {'mean': 92.0, 'std': 2.0, 'n': 3}
+
+
+def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
+    """The benchmark's whole path on a tiny budget: teacher, baseline, Tf-FD and KD runs, statistics, report, plots."""
+    pytest.importorskip('matplotlib')
+    from benchmarks.accuracy import main
+    main(['--mode', 'tiny', '--embedded', '--configs', 'tffd-inter,kd', '--workers', '0',
+          '--runs', str(tmp_path / 'runs'), '--out', str(tmp_path / 'results')])
+    import json
+    with open(tmp_path / 'results' / 'accuracy_tiny.json') as f:
+        results = json.load(f)
+    assert list(results['configs']) == ['baseline', 'tffd-inter', 'kd']
+    assert results['teacher_s'] > 0 and results['configs']['kd']['teacher_s'] == results['teacher_s']
+    base = [float(list(csv.DictReader(open(os.path.join(d, 'summary.csv'))))[-1]['eval_top1'])
+            for d in results['configs']['baseline']['runs']]
+    for name, r in results['configs'].items():
+        top1 = [float(list(csv.DictReader(open(os.path.join(d, 'summary.csv'))))[-1]['eval_top1']) for d in r['runs']]
+        assert r['top1'] == top1 and r['mean'] == pytest.approx(sum(top1) / len(top1))
+        assert r['gain'] == pytest.approx(sum(a - b for a, b in zip(top1, base)) / len(top1))
+    table = (tmp_path / 'results' / 'accuracy_tiny.md').read_text()
+    assert '| tffd-inter |' in table and '| kd |' in table
+    for png in ('accuracy_tiny_curves.png', 'accuracy_tiny_gain_vs_cost.png'):
+        assert _png_size(tmp_path / 'results' / png)[0] > 0

@@ -1,4 +1,4 @@
 """Tf-FD loss functions on lists of NCHW features (shallow to deep)."""
-from .inter import align_pair, inter_layer_loss, inter_layer_pairs
+from .inter import aligned_pairs, inter_layer_loss, inter_layer_pairs
 from .intra import intra_layer_loss, intra_stage_loss
 from .saliency import SALIENCY, bn_scale_saliency, get_saliency

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .inter import align_pair, inter_layer_pairs
+from .inter import aligned_pairs, inter_layer_pairs
 
 __all__ = ['sinkhorn_plan', 'emd_l2', 'emd_layer_loss', 'check_emd_options']
 
@@ -140,8 +140,9 @@ def emd_layer_loss(
     check_emd_options(grid, eps, iters)
     index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
     total = 0.
-    for s, t in index_pairs:
-        student, target = align_pair(features[s], features[t].detach())
+    for s, t, student, target in aligned_pairs(features, index_pairs):
+        c = min(student.shape[1], target.shape[1])
+        student, target = student[:, :c], target[:, :c]
         if grid is not None and grid > min(student.shape[-2:]):
             raise ValueError(f'EMD grid {grid} is larger than the {student.shape[-2]}x{student.shape[-1]} map of '
                              f'stage pair {(s, t)}; use a grid of at most {min(student.shape[-2:])} or None')

@@ -6,12 +6,12 @@ is the mean over pairs. This is the reference code's ``tfd`` mode; the pooling t
 stride = size ratio, which ``adaptive_avg_pool2d`` equals whenever the ratio is an integer and which it generalizes
 to the odd sizes that timm models produce at arbitrary input resolutions.
 """
-from typing import List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['inter_layer_loss', 'inter_layer_pairs', 'align_pair', 'PAIRS', 'DIRECTIONS']
+__all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'PAIRS', 'DIRECTIONS']
 
 PAIRS = ('all', 'adjacent')
 DIRECTIONS = ('top-down', 'bottom-up', 'bidirectional')
@@ -93,11 +93,23 @@ class _Pooler:
         return out
 
 
-def align_pair(student: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pool the larger map to the smaller spatial size and keep the first ``min(C)`` channels of both."""
-    c = min(student.shape[1], target.shape[1])
-    size = (min(student.shape[-2], target.shape[-2]), min(student.shape[-1], target.shape[-1]))
-    return _Pooler(student[:, :c])(size), _Pooler(target[:, :c])(size)
+def aligned_pairs(
+        features: Sequence[torch.Tensor],
+        index_pairs: Sequence[Tuple[int, int]],
+) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(s, t, student, target)`` for each (student, target) index pair: both maps average-pooled to the
+    smaller spatial size of the two, the target detached. Channels are left as they are. Every map is pooled at most
+    once per size, from the smallest already pooled map of it that the size divides, across all pairs."""
+    students: Dict[int, _Pooler] = {}
+    targets: Dict[int, _Pooler] = {}
+    for s, t in index_pairs:
+        fs, ft = features[s], features[t]
+        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+        if s not in students:
+            students[s] = _Pooler(fs)
+        if t not in targets:
+            targets[t] = _Pooler(ft.detach())
+        yield s, t, students[s](size), targets[t](size)
 
 
 def inter_layer_loss(
@@ -113,16 +125,8 @@ def inter_layer_loss(
         direction: ``'top-down'``, ``'bottom-up'`` or ``'bidirectional'``.
     """
     index_pairs = inter_layer_pairs(len(features), pairs, direction)
-    students = {}
-    targets = {}
     total = 0.
-    for s, t in index_pairs:
-        if s not in students:
-            students[s] = _Pooler(features[s])
-        if t not in targets:
-            targets[t] = _Pooler(features[t].detach())
-        fs, ft = features[s], features[t]
-        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-        c = min(fs.shape[1], ft.shape[1])
-        total = total + F.mse_loss(students[s](size)[:, :c], targets[t](size)[:, :c])
+    for _, _, student, target in aligned_pairs(features, index_pairs):
+        c = min(student.shape[1], target.shape[1])
+        total = total + F.mse_loss(student[:, :c], target[:, :c])
     return total / len(index_pairs)

@@ -27,7 +27,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .inter import _Pooler, inter_layer_pairs
+from .inter import aligned_pairs, inter_layer_pairs
 
 __all__ = ['many_to_one_loss', 'channel_groups', 'REMAINDERS']
 
@@ -77,21 +77,15 @@ def many_to_one_loss(
         remainder: ``'spread'`` or ``'drop'``: the groups when C_s does not divide C_d.
     """
     index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
-    students, targets, mean_squares = {}, {}, {}
+    mean_squares = {}
     total = 0.
-    for s, t in index_pairs:
-        fs, ft = features[s], features[t]
-        sizes = channel_groups(fs.shape[1], ft.shape[1], remainder)
-        if s not in students:
-            students[s] = _Pooler(fs)
-        if t not in targets:
-            targets[t] = _Pooler(ft.detach())
-        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-        deep = targets[t](size)
+    for s, t, student, deep in aligned_pairs(features, index_pairs):
+        sizes = channel_groups(student.shape[1], deep.shape[1], remainder)
         group_mean = _group_mean(deep, sizes)
-        if (t, size) not in mean_squares:  # E[d_j^2] per deep channel, shared by every pair with this target
-            mean_squares[(t, size)] = deep.pow(2).mean((0, 2, 3)).unsqueeze(0)
+        key = (t, tuple(deep.shape[-2:]))
+        if key not in mean_squares:  # E[d_j^2] per deep channel, shared by every pair with this target
+            mean_squares[key] = deep.pow(2).mean((0, 2, 3)).unsqueeze(0)
         # V = mean_c (mean_{j in G_c} E[d_j^2] - E[d_bar_c^2]): the within-group variance, without a pass over d - d_bar
-        variance = (_group_mean(mean_squares[(t, size)], sizes) - group_mean.pow(2).mean((0, 2, 3))).mean()
-        total = total + F.mse_loss(students[s](size), group_mean) + variance
+        variance = (_group_mean(mean_squares[key], sizes) - group_mean.pow(2).mean((0, 2, 3))).mean()
+        total = total + F.mse_loss(student, group_mean) + variance
     return total / len(index_pairs)

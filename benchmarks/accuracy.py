@@ -1,0 +1,248 @@
+"""What each regularizer buys on real data: Tf-FD against label smoothing, DropBlock, RSD, logit KD and SFD.
+
+Every configuration trains the same CIFAR-style network (``cifar_resnet8`` from the zoo) on Fashion-MNIST through
+``train_timm_tffd.py``, with several seeds; the table gives the final-epoch test top-1 (mean, std), the gain over the
+baseline with a 95% confidence interval, and the wall time of a run (plus the teacher's training for KD / SFD).
+
+Data: the full official Fashion-MNIST (60k / 10k), from Debian's package::
+
+    apt-get install dataset-fashion-mnist        # -> /usr/share/datasets/fashion-mnist/*.gz
+
+    python benchmarks/accuracy.py --mode quick --stage lr      # 1. the baseline's learning rate
+    python benchmarks/accuracy.py --mode quick --stage sweep   # 2. the Tf-FD weight scale
+    python benchmarks/accuracy.py --mode quick                 # 3. every configuration (--lr from step 1)
+    python benchmarks/accuracy.py --mode full                  # the same on all 60k training images
+
+Statistics: seeds are paired across configurations (the same seed gives the same initial weights and the same batch
+order), so the gain's interval is the paired t interval of the per-seed differences, ``mean(d) +- t(0.975, n-1) *
+sd(d) / sqrt(n)``.
+"""
+import argparse
+import csv
+import gzip
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'train_timm_tffd.py')
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+FASHION_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                 't10k-labels-idx1-ubyte')
+
+# Budgets on 2 CPU cores. Student cifar_resnet8 (0.08M parameters), teacher cifar_resnet20 (trained in the run).
+# quick: a fixed 10k training subset, 5 epochs, 3 seeds (10 configurations x 3 seeds in about 25 minutes); the test
+# set is always the full 10k images (standard error of a top-1 about 0.3 points). full: all 60k training images.
+MODES = {
+    'quick': dict(train_samples=10000, epochs=5, seeds=3, teacher_epochs=5),
+    'full': dict(train_samples=0, epochs=6, seeds=3, teacher_epochs=6),
+    'tiny': dict(train_samples=64, epochs=1, seeds=2, teacher_epochs=1),  # the CI smoke path
+}
+STUDENT = 'cifar_resnet8'
+TEACHER = 'cifar_resnet20'
+
+
+def configurations(teacher_ckpt: Optional[str], tffd_scale: float = 1.0) -> Dict[str, List[str]]:
+    """Configuration name -> extra arguments on top of the shared recipe (which sets ``--smoothing 0``)."""
+    tffd_w = ['--tffd-inter-weight', f'{0.005 * tffd_scale:g}', '--tffd-intra-weight', f'{0.0004 * tffd_scale:g}']
+    teacher = ['--teacher', TEACHER, '--teacher-checkpoint', teacher_ckpt or 'TEACHER']
+    return {
+        'baseline': [],
+        'label-smoothing': ['--smoothing', '0.1'],
+        'dropblock': ['--drop-block', '0.1'],
+        'tffd-inter': ['--tffd', 'inter'] + tffd_w[:2],
+        'tffd-intra': ['--tffd', 'intra'] + tffd_w[2:],
+        'tffd-inter+intra': ['--tffd', 'inter,intra'] + tffd_w,
+        'tffd+label-smoothing': ['--tffd', 'inter,intra', '--smoothing', '0.1'] + tffd_w,
+        'rsd': ['--self-distill', 'rsd'],
+        'kd': teacher,
+        'sfd-ri': teacher + ['--sfd', 'ri'],
+    }
+
+
+def paired_gain(config: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean per-seed difference and its paired t confidence interval (NaN bounds with fewer than 2 pairs)."""
+    if len(config) != len(baseline):
+        raise ValueError(f'paired statistics need as many runs as the baseline: {len(config)} vs {len(baseline)}')
+    d = [c - b for c, b in zip(config, baseline)]
+    gain = statistics.fmean(d)
+    if len(d) < 2:
+        return {'gain': gain, 'ci_low': math.nan, 'ci_high': math.nan}
+    from scipy.stats import t
+    half = t.ppf(0.5 + confidence / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return {'gain': gain, 'ci_low': gain - half, 'ci_high': gain + half}
+
+
+def summarize(values: Sequence[float]) -> dict:
+    return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else math.nan,
+            'n': len(values)}
+
+
+def final_top1(run_dir: str) -> float:
+    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]['eval_top1'])
+
+
+def prepare_fashion_mnist(src: str, root: str) -> str:
+    """Lay the official IDX files out as torchvision's FashionMNIST expects (``root/FashionMNIST/raw``)."""
+    raw = os.path.join(root, 'FashionMNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for name in FASHION_FILES:
+        dst = os.path.join(raw, name)
+        if os.path.exists(dst):
+            continue
+        gz = os.path.join(src, name + '.gz')
+        if not os.path.exists(gz):
+            raise SystemExit(f'{gz} not found: install the data with `apt-get install dataset-fashion-mnist` or '
+                             f'pass --fashion-mnist DIR')
+        with gzip.open(gz, 'rb') as fi, open(dst + '.tmp', 'wb') as fo:
+            shutil.copyfileobj(fi, fo)
+        os.replace(dst + '.tmp', dst)
+    return root
+
+
+def run_training(name: str, extra: List[str], seed: int, args, budget: dict, epochs: int, model: str = STUDENT):
+    """Train one configuration with one seed (skipped when its finished summary exists); returns (dir, seconds)."""
+    exp = f'{name}-seed{seed}'
+    run_dir = os.path.join(args.runs, exp)
+    done = os.path.join(run_dir, 'wall_time.json')
+    if os.path.exists(done):
+        with open(done) as f:
+            return run_dir, json.load(f)['seconds']
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, SCRIPT, *args.data_args, '--model', model, '--num-classes', '10', '--in-chans', '1',
+           '--epochs', str(epochs), '--sched', 'cosine', '--warmup-epochs', '0', '--lr', str(args.lr),
+           '--weight-decay', '5e-4', '--opt', 'sgd', '--momentum', '0.9', '-b', str(args.batch_size),
+           '--smoothing', '0', '--no-aug', '--workers', str(args.workers), '--seed', str(seed),
+           '--checkpoint-hist', '1', '--log-interval', '100000', '--output', args.runs, '--experiment', exp, *extra]
+    if '--tffd' in extra:
+        cmd += ['--tffd-warmup-epochs', str(args.tffd_warmup)]
+    if budget['train_samples']:
+        cmd += ['--max-train-samples', str(budget['train_samples'])]
+    if args.mode == 'tiny':
+        cmd += ['--max-val-samples', '64']
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f'{exp} failed (exit {proc.returncode}):\n{" ".join(cmd)}\n{proc.stderr[-3000:]}')
+    with open(done, 'w') as f:
+        json.dump({'seconds': seconds, 'command': cmd}, f)
+    print(f'  {exp}: top-1 {final_top1(run_dir):.2f}  ({seconds:.0f} s)', flush=True)
+    return run_dir, seconds
+
+
+def write_report(results: dict, out_dir: str, stem: str, title: str):
+    """``<stem>.json`` and ``<stem>.md`` (+ plots when matplotlib is installed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
+        json.dump(results, f, indent=2)
+    lines = [f'# {title}', '', results['recipe'], '',
+             '| configuration | top-1 mean | std | gain vs baseline [95% CI] | wall time / run (s) | + teacher (s) |',
+             '|---|---:|---:|---:|---:|---:|']
+    for name, r in results['configs'].items():
+        gain = '—' if name == 'baseline' else \
+            f'{r["gain"]:+.2f} [{r["ci_low"]:+.2f}, {r["ci_high"]:+.2f}]'
+        teacher = f'{r["teacher_s"]:.0f}' if r['teacher_s'] else '—'
+        lines.append(f'| {name} | {r["mean"]:.2f} | {r["std"]:.2f} | {gain} | {r["time_s"]:.0f} | {teacher} |')
+    with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    from timm_tffd.plot import plot_curves, plot_gain_vs_cost
+    runs = [d for r in results['configs'].values() for d in r['runs']]
+    plot_curves(runs, os.path.join(out_dir, f'{stem}_curves.png'), title)
+    rows = [dict(config=n, gain=r['gain'], ci_low=r['ci_low'], ci_high=r['ci_high'],
+                 cost_s=r['time_s'] + (r['teacher_s'] or 0)) for n, r in results['configs'].items()
+            if n != 'baseline']
+    plot_gain_vs_cost(rows, os.path.join(out_dir, f'{stem}_gain_vs_cost.png'), title)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--mode', choices=list(MODES), default='quick')
+    parser.add_argument('--stage', choices=['compare', 'sweep', 'lr'], default='compare',
+                        help='compare: all configurations; sweep: Tf-FD weight scales; lr: baseline learning rates')
+    parser.add_argument('--configs', default='', help='comma-separated subset of the configurations')
+    parser.add_argument('--seeds', type=int, default=0, help='seeds per configuration (default: the mode\'s)')
+    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--tffd-scale', type=float, default=1.0, help='multiplies both default Tf-FD weights')
+    parser.add_argument('--tffd-warmup', type=int, default=0, help='Tf-FD warm-up epochs (short budgets: 0)')
+    parser.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--fashion-mnist', default=FASHION_MNIST, help='folder with the official .gz files')
+    parser.add_argument('--embedded', action='store_true', help='use the embedded subset instead (smoke tests)')
+    parser.add_argument('--runs', default=os.path.join(REPO, 'benchmarks', 'runs'), help='training outputs')
+    parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results'), help='report folder')
+    args = parser.parse_args(argv)
+    budget = dict(MODES[args.mode])
+    seeds = list(range(args.seeds or budget['seeds']))
+    args.runs = os.path.join(os.path.abspath(args.runs), f'{args.mode}-{args.stage}')
+    if args.embedded:
+        args.data_args = ['--img-size', '28']
+    else:
+        root = prepare_fashion_mnist(args.fashion_mnist, os.path.join(os.path.dirname(args.runs), 'data'))
+        args.data_args = ['--data-dir', root, '--dataset', 'torch/fashion_mnist', '--train-split', 'train',
+                          '--val-split', 'test', '--img-size', '28', '--mean', '0.2860', '--std', '0.3530']
+
+    if args.stage == 'lr':
+        configs = {f'baseline-lr{lr:g}': ['--lr', f'{lr:g}'] for lr in (0.02, 0.05, 0.1, 0.2, 0.4)}
+    elif args.stage == 'sweep':
+        configs = {'baseline': []}
+        for scale in (1, 10, 100):
+            configs[f'tffd-inter+intra-x{scale}'] = configurations(None, scale)['tffd-inter+intra']
+    else:
+        configs = configurations(None, args.tffd_scale)
+    if args.configs:
+        keep = args.configs.split(',')
+        unknown = [c for c in keep if c not in configs]
+        if unknown:
+            parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(configs)}')
+        configs = {k: v for k, v in configs.items() if k in keep or k == 'baseline'}
+
+    teacher_s = 0.
+    if any('--teacher' in v for v in configs.values()):
+        print(f'teacher {TEACHER}:', flush=True)
+        teacher_dir, teacher_s = run_training('teacher', [], 0, args, budget, budget['teacher_epochs'], TEACHER)
+        ckpt = os.path.join(teacher_dir, 'last.pth.tar')
+        configs = {k: [ckpt if a == 'TEACHER' else a for a in v] for k, v in configs.items()}
+
+    results = {'mode': args.mode, 'stage': args.stage, 'budget': budget, 'seeds': seeds, 'student': STUDENT,
+               'teacher': TEACHER, 'teacher_s': teacher_s, 'configs': {}}
+    per_config = {}
+    for name, extra in configs.items():
+        print(f'{name}:', flush=True)
+        runs = [run_training(name, extra, s, args, budget, budget['epochs']) for s in seeds]
+        per_config[name] = runs
+    base = [final_top1(d) for d, _ in per_config.get('baseline', per_config[next(iter(per_config))])]
+    for name, runs in per_config.items():
+        top1 = [final_top1(d) for d, _ in runs]
+        r = summarize(top1)
+        r.update(paired_gain(top1, base) if name != 'baseline' else {'gain': 0., 'ci_low': 0., 'ci_high': 0.})
+        r.update(top1=top1, runs=[d for d, _ in runs], time_s=statistics.fmean(s for _, s in runs),
+                 teacher_s=teacher_s if '--teacher' in configs[name] else 0.)
+        results['configs'][name] = r
+    data = 'embedded Fashion-MNIST subset' if args.embedded else 'Fashion-MNIST (official split)'
+    results['recipe'] = (
+        f'{STUDENT} on {data}, {budget["train_samples"] or "all"} training images, {budget["epochs"]} epochs, '
+        f'SGD lr {args.lr} cosine, batch {args.batch_size}, wd 5e-4, no augmentation, seeds {seeds}; '
+        f'KD/SFD teacher {TEACHER} trained {budget["teacher_epochs"]} epochs in this run ({teacher_s:.0f} s). '
+        f'Command: python benchmarks/accuracy.py {" ".join(argv if argv is not None else sys.argv[1:])}')
+    stem = 'accuracy' if args.stage == 'compare' else f'accuracy_{args.stage}'
+    if args.mode != 'full':
+        stem += f'_{args.mode}'
+    write_report(results, args.out, stem, f'Fashion-MNIST, {args.mode} mode, {args.stage}')
+    print(open(os.path.join(args.out, f'{stem}.md')).read())
+
+
+if __name__ == '__main__':
+    main()
