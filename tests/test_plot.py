@@ -82,7 +82,7 @@ def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
     """The benchmark's whole path on a tiny budget: teacher, baseline, Tf-FD and KD runs, statistics, report, plots."""
     pytest.importorskip('matplotlib')
     from benchmarks.accuracy import main
-    main(['--mode', 'tiny', '--embedded', '--configs', 'tffd-inter,kd', '--workers', '0',
+    main(['--mode', 'tiny', '--embedded', '--configs', 'tffd-inter,kd', '--workers', '0', '--batch-size', '32',
           '--runs', str(tmp_path / 'runs'), '--out', str(tmp_path / 'results')])
     import json
     with open(tmp_path / 'results' / 'accuracy_tiny.json') as f:

@@ -109,6 +109,7 @@ def test_self_distill_without_teacher(run_train):
     (['--tffd', 'inter', '--tffd-emd-grid', '4'], '--tffd-emd-grid needs emd in --tffd'),
     (['--tffd', 'emd', '--tffd-emd-grid', '64'], 'EMD grid 64 is larger than'),
     (['--tffd', 'm2o', '--tffd-m2o-weight', '-1'], '--tffd-m2o-weight must be >= 0'),
+    (['--pad-crop', '4', '--no-aug'], '--pad-crop is a training augmentation'),
 ])
 def test_bad_input(run_train, tmp_path, capsys, teacher_ckpt, argv, message):
     argv = [teacher_ckpt if a == 'TEACHER' else a for a in argv]
@@ -118,3 +119,28 @@ def test_bad_input(run_train, tmp_path, capsys, teacher_ckpt, argv, message):
     text = str(e.value.code) + capsys.readouterr().err
     assert re.search(message, text), text[-500:]
     assert not os.path.exists(tmp_path / 'out' / 'bad')
+
+
+def test_pad_crop_cifar_augmentation(run_train):
+    """--pad-crop puts a padded random crop in front of timm's train transform (the CIFAR recipe)."""
+    from torchvision import transforms
+    import train_timm_tffd
+    captured = {}
+    real = train_timm_tffd._create_loaders
+
+    def spy(*args, **kwargs):
+        loaders = real(*args, **kwargs)
+        captured['transform'] = loaders[0].dataset.transform
+        return loaders
+    train_timm_tffd._create_loaders = spy
+    try:
+        run_train(*TINY, *STUDENT, '--pad-crop', '4', '--scale', '1', '1', '--ratio', '1', '1', '--color-jitter', '0',
+                  '--experiment', 'padcrop')
+    finally:
+        train_timm_tffd._create_loaders = real
+    first = captured['transform'].transforms[0]
+    assert isinstance(first, transforms.RandomCrop) and first.padding == 4 and tuple(first.size) == (32, 32)
+    names = [type(t).__name__ for t in captured['transform'].transforms]
+    assert any('Flip' in n for n in names), names
+    jitter = [t for t in captured['transform'].transforms if isinstance(t, transforms.ColorJitter)]
+    assert all(j.brightness is None and j.contrast is None and j.saturation is None for j in jitter)  # identity
