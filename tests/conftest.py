@@ -21,7 +21,13 @@ def run_train(tmp_path):
     import train_timm_tffd
 
     def _run(*argv):
-        return train_timm_tffd.main(['--output', str(tmp_path / 'out'), *map(str, argv)])
+        # one thread, as in run_script's subprocesses: runs compared bit for bit must reduce in the same order
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return train_timm_tffd.main(['--output', str(tmp_path / 'out'), *map(str, argv)])
+        finally:
+            torch.set_num_threads(threads)
     return _run
 
 

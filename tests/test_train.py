@@ -116,9 +116,9 @@ def test_yaml_config(run_train, tmp_path, caplog):
         weight_decay: 0.05
         max_train_samples: 64
         max_val_samples: 32
-        hflip: 0.5
+        vflip: 0.0
         clip_grad: null
-        scale: [0.08, 1.0]
+        color_jitter_prob: null
         apex_amp: false
         '''))
     run = run_train('-c', config, '--epochs', '1', '--experiment', 'cfg')
@@ -130,7 +130,7 @@ def test_yaml_config(run_train, tmp_path, caplog):
     groups = load_checkpoint(os.path.join(run.output_dir, 'last.pth.tar'))['optimizer']['param_groups']
     assert all('betas' in g for g in groups) and sorted({g['weight_decay'] for g in groups}) == [0.0, 0.05]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-    assert any('clip_grad' in w and 'hflip' in w and 'scale' in w for w in warnings)
+    assert any('clip_grad' in w and 'vflip' in w and 'color_jitter_prob' in w for w in warnings)
     assert any('apex_amp' in w for w in warnings)
     # the run's own args.yaml reproduces it
     import train_timm_tffd
@@ -140,7 +140,7 @@ def test_yaml_config(run_train, tmp_path, caplog):
 
 @pytest.mark.parametrize('line, name', [
     ('clip_grad: 1.0', 'clip_grad'),  # unsupported, not at timm's default
-    ('hflip: 0.0', 'hflip'),
+    ('vflip: 0.5', 'vflip'),
     ('no_such_setting: 3', 'no_such_setting'),  # unknown and not off
 ])
 def test_yaml_config_rejects(tmp_path, capsys, line, name):
