@@ -174,7 +174,7 @@ def main(argv=None):
                         help='compare: all configurations; sweep: Tf-FD weight scales; lr: baseline learning rates')
     parser.add_argument('--configs', default='', help='comma-separated subset of the configurations')
     parser.add_argument('--seeds', type=int, default=0, help='seeds per configuration (default: the mode\'s)')
-    parser.add_argument('--lr', type=float, default=0.1)
+    parser.add_argument('--lr', type=float, default=0.2, help='baseline-tuned (--stage lr): 0.2')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--tffd-scale', type=float, default=1.0, help='multiplies both default Tf-FD weights')
     parser.add_argument('--tffd-warmup', type=int, default=0, help='Tf-FD warm-up epochs (short budgets: 0)')
@@ -234,7 +234,7 @@ def main(argv=None):
     data = 'embedded Fashion-MNIST subset' if args.embedded else 'Fashion-MNIST (official split)'
     results['recipe'] = (
         f'{STUDENT} on {data}, {budget["train_samples"] or "all"} training images, {budget["epochs"]} epochs, '
-        f'SGD lr {args.lr} cosine, batch {args.batch_size}, wd 5e-4, no augmentation, seeds {seeds}; '
+        f'SGD lr {"per configuration" if args.stage == "lr" else args.lr} cosine, batch {args.batch_size}, wd 5e-4, no augmentation, seeds {seeds}; '
         f'KD/SFD teacher {TEACHER} trained {budget["teacher_epochs"]} epochs in this run ({teacher_s:.0f} s). '
         f'Command: python benchmarks/accuracy.py {" ".join(argv if argv is not None else sys.argv[1:])}')
     stem = 'accuracy' if args.stage == 'compare' else f'accuracy_{args.stage}'
