@@ -61,6 +61,57 @@ def test_inter_gradients_only_reach_student_side():
     assert feats[0].grad is None and feats[2].grad.abs().sum() > 0
 
 
+# maps 1-4 and 5-6 are runs of equal shape (as an isotropic model's blocks), which take the O(L) path
+RUN_SHAPES = ((2, 4, 8, 8), (2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 4, 4), (2, 5, 2, 2), (2, 5, 2, 2))
+
+
+def _torch_pairwise(feats, pairs):
+    """The definition, pair by pair, with autograd: the reference for the run path's gradients."""
+    total = 0.
+    for s, t in pairs:
+        size = (min(feats[s].shape[2], feats[t].shape[2]), min(feats[s].shape[3], feats[t].shape[3]))
+        a, b = F.adaptive_avg_pool2d(feats[s], size), F.adaptive_avg_pool2d(feats[t].detach(), size)
+        c = min(a.shape[1], b.shape[1])
+        total = total + F.mse_loss(a[:, :c], b[:, :c])
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize('direction', ['top-down', 'bottom-up', 'bidirectional'])
+def test_inter_equal_shape_runs_match_pairwise(direction):
+    from timm_tffd.losses.inter import equal_shape_runs
+    feats = _features(3, RUN_SHAPES)
+    assert equal_shape_runs(feats) == [(1, 5), (5, 7)]
+    pairs = inter_layer_pairs(len(feats), 'all', direction)
+    assert inter_layer_loss(feats, 'all', direction).item() == pytest.approx(_np_inter(feats, pairs), rel=1e-10)
+    got = [f.clone().requires_grad_() for f in feats]
+    want = [f.clone().requires_grad_() for f in feats]
+    inter_layer_loss(got, 'all', direction).backward()
+    _torch_pairwise(want, pairs).backward()
+    for g, w in zip(got, want):
+        if w.grad is None:  # a map that is only ever a target
+            assert g.grad is None
+        else:
+            torch.testing.assert_close(g.grad, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_inter_run_value_is_stable_in_float32():
+    # nearly equal maps with a large common part: expanding the squares would cancel catastrophically in float32
+    g = torch.Generator().manual_seed(0)
+    base = 100. + torch.randn(4, 8, 6, 6, generator=g, dtype=torch.float64)
+    feats = [base + 0.01 * torch.randn(base.shape, generator=g, dtype=torch.float64) for _ in range(6)]
+    want = _np_inter(feats, inter_layer_pairs(6))
+    got = inter_layer_loss([f.float() for f in feats]).item()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_inter_run_low_precision_gradients_keep_dtype():
+    feats = [f.bfloat16().requires_grad_() for f in _features(4, ((2, 3, 4, 4),) * 4)]
+    loss = inter_layer_loss(feats)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(f.grad.dtype == torch.bfloat16 for f in feats[:3]) and feats[3].grad is None
+
+
 def _np_intra_stage(f, detach_note=None):
     # reference saliency: F.normalize over (H, W), averaged over (N, H, W)
     score = F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3]).numpy()

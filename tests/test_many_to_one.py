@@ -48,6 +48,32 @@ def test_many_to_one_golden(c_s, c_d, remainder, groups):
     assert got == pytest.approx(_np_many_to_one(shallow, deep, groups), rel=1e-10)
 
 
+
+@pytest.mark.parametrize('pairs', ['all', 'adjacent'])
+def test_many_to_one_equal_shape_run(pairs):
+    # an isotropic model's blocks: one deep channel per group; 'all' takes inter-layer's O(L) path for the run
+    feats = _features(2, ((2, 2, 8, 8),) + ((2, 4, 4, 4),) * 4)
+    index = [(s, t) for s in range(5) for t in range(s + 1, 5)] if pairs == 'all' else [(s, s + 1) for s in range(4)]
+    groups = {0: [[0, 1], [2, 3]]}
+    expected = np.mean([_np_many_to_one(feats[s], feats[t], groups.get(s, [[c] for c in range(4)]))
+                        for s, t in index])
+    got = [f.clone().requires_grad_() for f in feats]
+    loss = many_to_one_loss(got, pairs=pairs)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    loss.backward()
+    # gradient of the group-mean form, pair by pair with autograd
+    want = [f.clone().requires_grad_() for f in feats]
+    ref = 0.
+    for s, t in index:
+        deep = F.adaptive_avg_pool2d(want[t].detach(), want[s].shape[-1] if s else 4)
+        student = F.adaptive_avg_pool2d(want[s], deep.shape[-1])
+        target = deep.unflatten(1, (2, 2)).mean(2) if s == 0 else deep
+        ref = ref + F.mse_loss(student, target)
+    (ref / len(index)).backward()
+    for g, w in zip(got[:-1], want[:-1]):
+        torch.testing.assert_close(g.grad, w.grad, rtol=1e-10, atol=1e-12)
+    assert got[-1].grad is None
+
 def test_many_to_one_golden_over_pairs():
     feats = _features(1, ((2, 2, 8, 8), (2, 3, 4, 4), (2, 7, 2, 2)))
     want = {

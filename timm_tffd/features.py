@@ -4,12 +4,16 @@ Tf-FD needs the logits and a few stage outputs of the *same* forward pass. ``Fea
 ``model.feature_info`` and captures them in one of three ways:
 
 * ``intermediates``: timm's ``forward_intermediates(x, indices)`` followed by ``forward_head`` (the default for every
-  model that has it; transformer tokens come back as NCHW maps);
+  model that has it; transformer tokens come back as NCHW maps). For token models whose ``forward_intermediates``
+  takes ``output_fmt='NLC'`` and whose patch embedding reports its grid (ViT, DeiT, EVA, BEiT...), the tokens are
+  taken as NLC and viewed as NCHW without a copy: timm's NCHW output makes a contiguous copy of every tapped block;
+  the view costs nothing and shares memory with the block outputs that autograd keeps anyway;
 * ``hooks``: forward hooks on the ``feature_info`` modules, for models without ``forward_intermediates``;
 * ``preact``: forward pre-hooks on the activation that closes a stage (ResNet-style blocks with ``act2`` / ``act3``),
   which sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
 """
 import functools
+import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -70,6 +74,24 @@ def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
         f'{type(model).__name__}.{module_name} ({type(module).__name__}) has none; use post-activation features')
 
 
+# token models whose forward_intermediates(output_fmt='NLC') returns the spatial tokens (prefix tokens stripped) of
+# the grid that patch_embed.dynamic_feat_size reports, as their NCHW path uses it (module, class)
+_NLC_FAMILIES = (('vision_transformer', 'VisionTransformer'), ('eva', 'Eva'), ('beit', 'Beit'), ('cait', 'Cait'),
+                 ('convit', 'ConVit'))
+
+
+def _token_grid(model: nn.Module):
+    """The patch grid function ``(H, W) image -> (h, w) tokens`` of a token model whose NLC intermediates can be
+    viewed as NCHW maps, or None."""
+    import importlib
+    classes = tuple(getattr(importlib.import_module(f'timm.models.{m}'), c) for m, c in _NLC_FAMILIES)
+    if not isinstance(model, classes):
+        return None
+    if 'output_fmt' not in inspect.signature(model.forward_intermediates).parameters:
+        return None
+    return getattr(getattr(model, 'patch_embed', None), 'dynamic_feat_size', None)
+
+
 class FeatureTaps:
     """Captures selected stage outputs and the logits in one forward pass.
 
@@ -103,6 +125,7 @@ class FeatureTaps:
         if mode not in ('intermediates', 'hooks', 'preact'):
             raise ValueError(f'unknown feature tap mode {mode!r}')
         self.mode = mode
+        self.token_grid = mode == 'intermediates' and _token_grid(model) is not None
         self._buffer = {}
         self._active = False
         self._handles = []
@@ -128,7 +151,12 @@ class FeatureTaps:
     def forward(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run ``model`` once; return ``(logits, features)`` with features shallow to deep."""
         if self.mode == 'intermediates':
-            final, feats = model.forward_intermediates(x, indices=self.indices)
+            if self.token_grid:
+                final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
+                h, w = _token_grid(model)(tuple(x.shape[-2:]))
+                feats = [f.unflatten(1, (h, w)).permute(0, 3, 1, 2) for f in feats]  # NCHW views of the tokens
+            else:
+                final, feats = model.forward_intermediates(x, indices=self.indices)
             return model.forward_head(final), list(feats)
         self._buffer.clear()
         self._active = True

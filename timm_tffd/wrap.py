@@ -53,7 +53,12 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training:
         return type(self).forward(self, x)
     logits, feats = state.taps.forward(self, x)
-    terms = {name: fn(feats) for name, fn in state.methods.items()}
+    # Autograd runs the node created last first. A term whose backward returns the gradients of many maps at once
+    # (inter and m2o over a run of equal-shape maps) is computed last: its gradients reach the maps first and the
+    # other terms' accumulate into them in place, instead of both sets being held at the step's memory peak.
+    order = sorted(state.methods, key=lambda n: getattr(state.methods[n], 'fused_backward', False))
+    computed = {name: state.methods[name](feats) for name in order}
+    terms = {name: computed[name] for name in state.methods}
     state.stash = TfFDStash(logits, terms, feats)
     return logits
 

@@ -5,13 +5,24 @@ first ``min(C_s, C_t)`` channels, the target is detached, and the pair loss is t
 is the mean over pairs. This is the reference code's ``tfd`` mode; the pooling there is ``avg_pool2d`` with kernel =
 stride = size ratio, which ``adaptive_avg_pool2d`` equals whenever the ratio is an integer and which it generalizes
 to the odd sizes that timm models produce at arbitrary input resolutions.
+
+Isotropic models (ViT, DeiT, ConvMixer...) tap many maps of one shape, and with ``pairs='all'`` the pair count grows as
+L(L-1)/2 (66 for a 12-block ViT). A run of consecutive equal-shape maps is therefore handled in O(L): over the pairs
+of a run, with m the mean of the run's maps,
+
+    sum_{i<j} ||f_i - f_j||^2 = L * sum_i ||f_i - m||^2
+
+(the value, without cancellation), and the gradient reaching the student f_i is ``2 (n_i f_i - S_i) / N``, where S_i
+is the sum of its n_i targets: a suffix sum (top-down), a prefix sum (bottom-up) or the sum of all others
+(bidirectional). Both are computed with running sums; the result equals the pairwise form (tested against it).
 """
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'PAIRS', 'DIRECTIONS']
+__all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
+           'run_pair_mse', 'PAIRS', 'DIRECTIONS']
 
 PAIRS = ('all', 'adjacent')
 DIRECTIONS = ('top-down', 'bottom-up', 'bidirectional')
@@ -112,6 +123,86 @@ def aligned_pairs(
         yield s, t, students[s](size), targets[t](size)
 
 
+def equal_shape_runs(features: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+    """``[start, end)`` of each maximal run of at least two consecutive maps with the same shape and dtype."""
+    runs = []
+    start = 0
+    for i in range(1, len(features) + 1):
+        if i == len(features) or features[i].shape != features[start].shape \
+                or features[i].dtype != features[start].dtype:
+            if i - start >= 2:
+                runs.append((start, i))
+            start = i
+    return runs
+
+
+def split_run_pairs(
+        features: Sequence[torch.Tensor],
+        index_pairs: Sequence[Tuple[int, int]],
+) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """Split ``index_pairs`` (every pair i != j of each run must be in it, e.g. ``pairs='all'``) into the equal-shape
+    runs that ``run_pair_mse`` covers and the pairs left over."""
+    runs = equal_shape_runs(features)
+    if not runs:
+        return [], list(index_pairs)
+
+    def in_run(s, t):
+        return any(a <= s < b and a <= t < b for a, b in runs)
+    return runs, [p for p in index_pairs if not in_run(*p)]
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    """An accumulator for sums of maps like ``like``: float32 at least (float16/bfloat16 maps under AMP)."""
+    return torch.zeros(like.shape, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+
+
+class _RunMSE(torch.autograd.Function):
+    """Sum over the (student, target) pairs of a run of equal-shape maps of ``mse(f_s, f_t.detach())``, in O(L)."""
+
+    @staticmethod
+    def forward(ctx, direction: str, *feats):
+        ctx.direction = direction
+        ctx.save_for_backward(*feats)
+        mean = _zeros(feats[0])
+        for f in feats:
+            mean.add_(f)
+        mean.div_(len(feats))
+        spread = sum(torch.sub(f, mean).square_().sum() for f in feats)  # sum_i ||f_i - m||^2, float32 at least
+        pairs_sum = len(feats) * spread * (2 if direction == 'bidirectional' else 1)
+        return pairs_sum / feats[0].numel()
+
+    @staticmethod
+    def backward(ctx, grad):
+        feats = ctx.saved_tensors
+        n = len(feats)
+        scale = grad * (2. / feats[0].numel())
+        grads = [None] * n
+        if ctx.direction == 'bidirectional':
+            total = _zeros(feats[0])
+            for f in feats:
+                total.add_(f)
+            for i, f in enumerate(feats):
+                if ctx.needs_input_grad[1 + i]:
+                    grads[i] = torch.add(total, f, alpha=-n).mul_(-scale).to(f.dtype)  # (n f_i - total)
+            return (None,) + tuple(grads)
+        order = range(n - 1, -1, -1) if ctx.direction == 'top-down' else range(n)
+        running = _zeros(feats[0])
+        for count, i in enumerate(order):  # count = targets of student i seen so far (deeper / shallower maps)
+            f = feats[i]
+            if ctx.needs_input_grad[1 + i] and count:  # the deepest (top-down) map is only a target: no gradient
+                grads[i] = torch.add(running, f, alpha=-count).mul_(-scale).to(f.dtype)
+            running.add_(f)
+        return (None,) + tuple(grads)
+
+
+def run_pair_mse(features: Sequence[torch.Tensor], direction: str = 'top-down') -> torch.Tensor:
+    """Sum over all (student, target) pairs of equal-shape ``features`` in ``direction`` of ``mse(f_s, f_t.detach())``
+    (see the module docstring), a scalar of float32 or wider."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f'unknown inter-layer direction {direction!r}; choose from {", ".join(DIRECTIONS)}')
+    return _RunMSE.apply(direction, *features)
+
+
 def inter_layer_loss(
         features: Sequence[torch.Tensor],
         pairs: str = 'all',
@@ -126,7 +217,12 @@ def inter_layer_loss(
     """
     index_pairs = inter_layer_pairs(len(features), pairs, direction)
     total = 0.
-    for _, _, student, target in aligned_pairs(features, index_pairs):
+    rest = index_pairs
+    if pairs == 'all':
+        runs, rest = split_run_pairs(features, index_pairs)
+        for a, b in runs:
+            total = total + run_pair_mse(features[a:b], direction)
+    for _, _, student, target in aligned_pairs(features, rest):
         c = min(student.shape[1], target.shape[1])
         total = total + F.mse_loss(student[:, :c], target[:, :c])
     return total / len(index_pairs)

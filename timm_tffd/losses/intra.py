@@ -21,23 +21,24 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     Autograd through ``index_select`` would zero a full-size gradient and scatter into it with ``index_add_`` (slow
     on CPU); here the gradient is written directly: ``+d`` into the redundant channels, ``-d`` into the salient ones
-    (nothing with ``detach_salient``), zeros only for a left-out channel.
+    (nothing with ``detach_salient``), zeros only for a left-out channel. Only ``f`` is saved (autograd keeps the
+    stage output anyway); the difference is recomputed in backward instead of being held until then.
     """
 
     @staticmethod
     def forward(ctx, f, salient, redundant, detach_salient: bool):
-        diff = f.index_select(1, redundant) - f.index_select(1, salient)
-        ctx.save_for_backward(diff, salient, redundant)
-        ctx.num_channels, ctx.detach_salient = f.shape[1], detach_salient
-        return diff.pow(2).mean()
+        diff = f.index_select(1, redundant).sub_(f.index_select(1, salient))
+        ctx.save_for_backward(f, salient, redundant)
+        ctx.detach_salient = detach_salient
+        return diff.square_().mean()
 
     @staticmethod
     def backward(ctx, grad_out):
-        diff, salient, redundant = ctx.saved_tensors
-        d = diff * (2 * grad_out / diff.numel())
-        shape = (d.shape[0], ctx.num_channels) + tuple(d.shape[2:])
-        full = ctx.num_channels == 2 * d.shape[1] and not ctx.detach_salient
-        grad = d.new_empty(shape) if full else d.new_zeros(shape)
+        f, salient, redundant = ctx.saved_tensors
+        d = f.index_select(1, redundant).sub_(f.index_select(1, salient))
+        d.mul_(2 * grad_out / d.numel())
+        full = f.shape[1] == 2 * d.shape[1] and not ctx.detach_salient
+        grad = d.new_empty(f.shape) if full else d.new_zeros(f.shape)
         grad.index_copy_(1, redundant, d)
         if not ctx.detach_salient:
             grad.index_copy_(1, salient, d.neg_())

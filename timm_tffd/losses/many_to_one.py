@@ -21,13 +21,16 @@ is a constant and L has exactly the gradient of ``mse(s, d_bar)`` -- for every g
 averaged over its own size before the groups are averaged. The equivalence would break if the deep side received
 gradients, or if the loss averaged over all (shallow, deep) channel pairs at once with unequal groups (larger groups
 would then weigh more). The loss is computed in this form: one reshape-mean instead of k copies of the shallow map.
+
+With ``C_s = C_d`` every group is one channel, V = 0 and the pair loss is inter-layer's; runs of equal-shape maps
+(isotropic models) then take inter-layer's O(L) path (``timm_tffd.losses.inter.run_pair_mse``).
 """
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .inter import aligned_pairs, inter_layer_pairs
+from .inter import aligned_pairs, inter_layer_pairs, run_pair_mse, split_run_pairs
 
 __all__ = ['many_to_one_loss', 'channel_groups', 'REMAINDERS']
 
@@ -55,6 +58,8 @@ def channel_groups(c_shallow: int, c_deep: int, remainder: str = 'spread') -> Li
 
 def _group_mean(x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     """Mean of each contiguous group of ``sizes`` channels along dim 1."""
+    if all(size == 1 for size in sizes):
+        return x[:, :len(sizes)]  # one channel per group: a view, no copy
     means = []
     start = 0
     for size in sorted(set(sizes), reverse=True):  # runs of equal size (at most two): one reshape each
@@ -79,9 +84,18 @@ def many_to_one_loss(
     index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
     mean_squares = {}
     total = 0.
-    for s, t, student, deep in aligned_pairs(features, index_pairs):
+    rest = index_pairs
+    if pairs == 'all':
+        channel_groups(1, 1, remainder)  # validates remainder
+        runs, rest = split_run_pairs(features, index_pairs)
+        for a, b in runs:  # equal shapes: one channel per group, the pair loss is inter-layer's
+            total = total + run_pair_mse(features[a:b], 'top-down')
+    for s, t, student, deep in aligned_pairs(features, rest):
         sizes = channel_groups(student.shape[1], deep.shape[1], remainder)
         group_mean = _group_mean(deep, sizes)
+        if len(sizes) == deep.shape[1]:  # one deep channel per group: V = 0
+            total = total + F.mse_loss(student, group_mean)
+            continue
         key = (t, tuple(deep.shape[-2:]))
         if key not in mean_squares:  # E[d_j^2] per deep channel, shared by every pair with this target
             mean_squares[key] = deep.pow(2).mean((0, 2, 3)).unsqueeze(0)
