@@ -18,6 +18,7 @@ order), so the gain's interval is the paired t interval of the per-seed differen
 sd(d) / sqrt(n)``.
 """
 import argparse
+import concurrent.futures
 import csv
 import gzip
 import json
@@ -128,8 +129,9 @@ def run_training(name: str, extra: List[str], seed: int, args, budget: dict, epo
         cmd += ['--max-train-samples', str(budget['train_samples'])]
     if args.mode == 'tiny':
         cmd += ['--max-val-samples', '64']
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f'{exp} failed (exit {proc.returncode}):\n{" ".join(cmd)}\n{proc.stderr[-3000:]}')
@@ -179,6 +181,9 @@ def main(argv=None):
     parser.add_argument('--tffd-scale', type=float, default=1.0, help='multiplies both default Tf-FD weights')
     parser.add_argument('--tffd-warmup', type=int, default=0, help='Tf-FD warm-up epochs (short budgets: 0)')
     parser.add_argument('--workers', type=int, default=1)
+    parser.add_argument('--jobs', type=int, default=2, help='training runs at a time')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per run (OMP_NUM_THREADS); 0: torch\'s '
+                        'default')
     parser.add_argument('--fashion-mnist', default=FASHION_MNIST, help='folder with the official .gz files')
     parser.add_argument('--embedded', action='store_true', help='use the embedded subset instead (smoke tests)')
     parser.add_argument('--runs', default=os.path.join(REPO, 'benchmarks', 'runs'), help='training outputs')
@@ -218,11 +223,16 @@ def main(argv=None):
 
     results = {'mode': args.mode, 'stage': args.stage, 'budget': budget, 'seeds': seeds, 'student': STUDENT,
                'teacher': TEACHER, 'teacher_s': teacher_s, 'configs': {}}
+    jobs = [(name, extra, s) for name, extra in configs.items() for s in seeds]
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, args.jobs))  # each job waits on one training process
+    futures = [pool.submit(run_training, name, extra, s, args, budget, budget['epochs']) for name, extra, s in jobs]
+    try:
+        done = [f.result() for f in futures]
+    finally:  # a failed run stops the benchmark: queued runs are dropped, running ones finish
+        pool.shutdown(cancel_futures=True)
     per_config = {}
-    for name, extra in configs.items():
-        print(f'{name}:', flush=True)
-        runs = [run_training(name, extra, s, args, budget, budget['epochs']) for s in seeds]
-        per_config[name] = runs
+    for (name, _, _), run in zip(jobs, done):
+        per_config.setdefault(name, []).append(run)
     base = [final_top1(d) for d, _ in per_config.get('baseline', per_config[next(iter(per_config))])]
     for name, runs in per_config.items():
         top1 = [final_top1(d) for d, _ in runs]
@@ -234,7 +244,8 @@ def main(argv=None):
     data = 'embedded Fashion-MNIST subset' if args.embedded else 'Fashion-MNIST (official split)'
     results['recipe'] = (
         f'{STUDENT} on {data}, {budget["train_samples"] or "all"} training images, {budget["epochs"]} epochs, '
-        f'SGD lr {"per configuration" if args.stage == "lr" else args.lr} cosine, batch {args.batch_size}, wd 5e-4, no augmentation, seeds {seeds}; '
+        f'SGD lr {"per configuration" if args.stage == "lr" else args.lr} cosine, batch {args.batch_size}, wd 5e-4, '
+        f'no augmentation, seeds {seeds}; {args.jobs} run(s) at a time, {args.threads or "default"} thread(s) each; '
         f'KD/SFD teacher {TEACHER} trained {budget["teacher_epochs"]} epochs in this run ({teacher_s:.0f} s). '
         f'Command: python benchmarks/accuracy.py {" ".join(argv if argv is not None else sys.argv[1:])}')
     stem = 'accuracy' if args.stage == 'compare' else f'accuracy_{args.stage}'
