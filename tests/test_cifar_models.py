@@ -347,6 +347,14 @@ def test_load_crd_wrn_checkpoint(tmp_path):
     for crd, ours in pairs.items():
         assert torch.equal(msd[ours], sd[crd]), crd
 
+    # the same raw CRD file as an SFD / KD teacher (renamed on load, then checked)
+    teacher = timm_tffd.create_teacher('cifar_wrn_16_2', checkpoint=file, num_classes=100)
+    tsd = teacher.model.state_dict()
+    for crd, ours in pairs.items():
+        assert torch.equal(tsd[ours], sd[crd]), crd
+    with pytest.raises(ValueError, match='100-class classifier'):  # checks still run after the renaming
+        timm_tffd.create_teacher('cifar_wrn_16_2', checkpoint=file, num_classes=10)
+
 
 def test_load_crd_vgg_checkpoint(tmp_path):
     # models/vgg.py layout: block{b} = Sequential([conv, bn, relu] * k minus the last relu), classifier.

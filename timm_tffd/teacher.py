@@ -12,6 +12,7 @@ ReLU (seed 004, eq. 10) and supplies the per-channel margin:
 """
 import logging
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,6 +37,21 @@ def _classifier_key(model: nn.Module) -> Optional[str]:
     if isinstance(classifier, (list, tuple)):
         classifier = classifier[0] if classifier else None
     return f'{classifier}.weight' if classifier else None
+
+
+def _family_filter(model: nn.Module, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Apply the model family's ``checkpoint_filter_fn`` (as timm's pretrained loading does) to a state dict whose keys
+    do not fit the model, e.g. a CRD-repository WRN / VGG checkpoint for the ``cifar_*`` zoo. A filter that cannot
+    read the state dict leaves it as it is, for ``check_teacher_state_dict`` to explain."""
+    if set(state_dict) == set(model.state_dict()):
+        return state_dict
+    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except (KeyError, ValueError, RuntimeError, AttributeError, TypeError, IndexError):
+        return state_dict
 
 
 def check_teacher_state_dict(model: nn.Module, state_dict: Dict[str, Any], source: str):
@@ -78,7 +94,8 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str, use_ema: bool = T
         model: The teacher, created with the student's ``num_classes`` and ``in_chans``.
         checkpoint: A ``.safetensors`` file, a torch checkpoint (read with ``weights_only=True``; timm training
             checkpoints with ``state_dict`` / ``state_dict_ema`` work), or ``hf-hub:org/name`` (its
-            ``model.safetensors``, else ``pytorch_model.bin``).
+            ``model.safetensors``, else ``pytorch_model.bin``). Keys that do not fit go through the family's
+            ``checkpoint_filter_fn`` first, so CRD-repository checkpoints of the ``cifar_*`` zoo load as teachers.
         use_ema: Prefer ``state_dict_ema`` when a training checkpoint has one (timm's default).
     """
     if checkpoint.startswith('hf-hub:'):
@@ -87,6 +104,7 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str, use_ema: bool = T
         state_dict = load_state_dict(checkpoint, use_ema=use_ema, weights_only=True)
     else:
         raise FileNotFoundError(f'teacher checkpoint {checkpoint!r} not found')
+    state_dict = _family_filter(model, state_dict)
     check_teacher_state_dict(model, state_dict, checkpoint)
     model.load_state_dict(state_dict)
     return model
