@@ -38,7 +38,8 @@ FASHION_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-ima
                  't10k-labels-idx1-ubyte')
 
 # Budgets on 2 CPU cores. Student cifar_resnet8 (0.08M parameters), teacher cifar_resnet20 (trained in the run).
-# quick: a fixed 10k training subset, 5 epochs, 3 seeds (10 configurations x 3 seeds in about 25 minutes); the test
+# quick: a fixed 10k training subset, 5 epochs, 3 seeds (10 configurations x 3 seeds: the measured run times, two at
+# a time with the teacher trained beside them, add up to about 28 minutes); the test
 # set is always the full 10k images (standard error of a top-1 about 0.3 points). full: all 60k training images.
 MODES = {
     'quick': dict(train_samples=10000, epochs=5, seeds=3, teacher_epochs=5),
@@ -49,11 +50,18 @@ STUDENT = 'cifar_resnet8'
 TEACHER = 'cifar_resnet20'
 
 
+def _tffd_weights(scale: float) -> List[str]:
+    return ['--tffd-inter-weight', f'{0.005 * scale:g}', '--tffd-intra-weight', f'{0.0004 * scale:g}']
+
+
 def configurations(teacher_ckpt: Optional[str], tffd_scale: float = 1.0) -> Dict[str, List[str]]:
-    """Configuration name -> extra arguments on top of the shared recipe (which sets ``--smoothing 0``)."""
-    tffd_w = ['--tffd-inter-weight', f'{0.005 * tffd_scale:g}', '--tffd-intra-weight', f'{0.0004 * tffd_scale:g}']
+    """Configuration name -> extra arguments on top of the shared recipe (which sets ``--smoothing 0``).
+
+    The Tf-FD rows use the reference code's weights; ``tffd_scale != 1`` adds inter+intra and Tf-FD + label
+    smoothing with both weights scaled (the sweep's best, e.g. ``-x10``) next to them."""
+    tffd_w = _tffd_weights(1.)
     teacher = ['--teacher', TEACHER, '--teacher-checkpoint', teacher_ckpt or 'TEACHER']
-    return {
+    configs = {
         'baseline': [],
         'label-smoothing': ['--smoothing', '0.1'],
         'dropblock': ['--drop-block', '0.1'],
@@ -65,6 +73,11 @@ def configurations(teacher_ckpt: Optional[str], tffd_scale: float = 1.0) -> Dict
         'kd': teacher,
         'sfd-ri': teacher + ['--sfd', 'ri'],
     }
+    if tffd_scale != 1:
+        scaled = _tffd_weights(tffd_scale)
+        configs[f'tffd-inter+intra-x{tffd_scale:g}'] = ['--tffd', 'inter,intra'] + scaled
+        configs[f'tffd+label-smoothing-x{tffd_scale:g}'] = ['--tffd', 'inter,intra', '--smoothing', '0.1'] + scaled
+    return configs
 
 
 def paired_gain(config: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict:
@@ -178,7 +191,8 @@ def main(argv=None):
     parser.add_argument('--seeds', type=int, default=0, help='seeds per configuration (default: the mode\'s)')
     parser.add_argument('--lr', type=float, default=0.2, help='baseline-tuned (--stage lr): 0.2')
     parser.add_argument('--batch-size', type=int, default=128)
-    parser.add_argument('--tffd-scale', type=float, default=1.0, help='multiplies both default Tf-FD weights')
+    parser.add_argument('--tffd-scale', type=float, default=1.0,
+                        help='compare: also run Tf-FD rows with both default weights times this (the sweep\'s best)')
     parser.add_argument('--tffd-warmup', type=int, default=0, help='Tf-FD warm-up epochs (short budgets: 0)')
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--jobs', type=int, default=2, help='training runs at a time')
@@ -204,7 +218,7 @@ def main(argv=None):
     elif args.stage == 'sweep':
         configs = {'baseline': []}
         for scale in (1, 10, 100):
-            configs[f'tffd-inter+intra-x{scale}'] = configurations(None, scale)['tffd-inter+intra']
+            configs[f'tffd-inter+intra-x{scale}'] = ['--tffd', 'inter,intra'] + _tffd_weights(scale)
     else:
         configs = configurations(None, args.tffd_scale)
     if args.configs:
@@ -214,32 +228,36 @@ def main(argv=None):
             parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(configs)}')
         configs = {k: v for k, v in configs.items() if k in keep or k == 'baseline'}
 
-    teacher_s = 0.
-    if any('--teacher' in v for v in configs.values()):
-        print(f'teacher {TEACHER}:', flush=True)
-        teacher_dir, teacher_s = run_training('teacher', [], 0, args, budget, budget['teacher_epochs'], TEACHER)
-        ckpt = os.path.join(teacher_dir, 'last.pth.tar')
-        configs = {k: [ckpt if a == 'TEACHER' else a for a in v] for k, v in configs.items()}
-
-    results = {'mode': args.mode, 'stage': args.stage, 'budget': budget, 'seeds': seeds, 'student': STUDENT,
-               'teacher': TEACHER, 'teacher_s': teacher_s, 'configs': {}}
-    jobs = [(name, extra, s) for name, extra in configs.items() for s in seeds]
+    # one pool of training processes; the teacher starts first, the runs that need it are queued last
     pool = concurrent.futures.ThreadPoolExecutor(max(1, args.jobs))  # each job waits on one training process
-    futures = [pool.submit(run_training, name, extra, s, args, budget, budget['epochs']) for name, extra, s in jobs]
+    needs_teacher = [name for name, extra in configs.items() if 'TEACHER' in extra]
+    teacher = None
+    if needs_teacher:
+        print(f'teacher {TEACHER}: trained in the run', flush=True)
+        teacher = pool.submit(run_training, 'teacher', [], 0, args, budget, budget['teacher_epochs'], TEACHER)
+
+    def job(name: str, extra: List[str], seed: int):
+        if 'TEACHER' in extra:
+            ckpt = os.path.join(teacher.result()[0], 'last.pth.tar')
+            extra = [ckpt if a == 'TEACHER' else a for a in extra]
+        return run_training(name, extra, seed, args, budget, budget['epochs'])
+
+    order = [n for n in configs if n not in needs_teacher] + needs_teacher
+    futures = {(name, s): pool.submit(job, name, configs[name], s) for name in order for s in seeds}
     try:
-        done = [f.result() for f in futures]
+        per_config = {name: [futures[name, s].result() for s in seeds] for name in configs}
+        teacher_s = teacher.result()[1] if teacher else 0.
     finally:  # a failed run stops the benchmark: queued runs are dropped, running ones finish
         pool.shutdown(cancel_futures=True)
-    per_config = {}
-    for (name, _, _), run in zip(jobs, done):
-        per_config.setdefault(name, []).append(run)
+    results = {'mode': args.mode, 'stage': args.stage, 'budget': budget, 'seeds': seeds, 'student': STUDENT,
+               'teacher': TEACHER, 'teacher_s': teacher_s, 'configs': {}}
     base = [final_top1(d) for d, _ in per_config.get('baseline', per_config[next(iter(per_config))])]
     for name, runs in per_config.items():
         top1 = [final_top1(d) for d, _ in runs]
         r = summarize(top1)
         r.update(paired_gain(top1, base) if name != 'baseline' else {'gain': 0., 'ci_low': 0., 'ci_high': 0.})
         r.update(top1=top1, runs=[d for d, _ in runs], time_s=statistics.fmean(s for _, s in runs),
-                 teacher_s=teacher_s if '--teacher' in configs[name] else 0.)
+                 teacher_s=teacher_s if name in needs_teacher else 0.)
         results['configs'][name] = r
     data = 'embedded Fashion-MNIST subset' if args.embedded else 'Fashion-MNIST (official split)'
     results['recipe'] = (

@@ -46,6 +46,18 @@ def _tffd(methods: str, **options) -> Callable:
     return build
 
 
+def _four_taps(methods: str) -> Callable:
+    """Tf-FD on four evenly spaced taps (the last of each quarter of the default stages): a ResNet's four stages
+    as by default; blocks 3, 6, 9 and 12 of a 12-block ViT instead of all twelve."""
+    def build(model: nn.Module) -> nn.Module:
+        default = timm_tffd.resolve_stages(model)
+        n = len(default)
+        stages = [default[(q + 1) * n // 4 - 1] for q in range(4)] if n > 4 else default
+        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=methods, warmup_epochs=0, stages=stages,
+                                  verbose=False)
+    return build
+
+
 def _teacher() -> nn.Module:
     return timm.create_model(TEACHER, num_classes=1000)
 
@@ -56,6 +68,7 @@ CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
     'inter': _tffd('inter'),
     'intra': _tffd('intra'),
     'inter+intra': _tffd('inter,intra'),
+    'inter+intra-4taps': _four_taps('inter,intra'),
     'm2o': _tffd('m2o'),
     'emd': _tffd('emd'),
     'emd-grid7': _tffd('emd', emd_grid=7),

@@ -99,3 +99,14 @@ def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
     assert '| tffd-inter |' in table and '| kd |' in table
     for png in ('accuracy_tiny_curves.png', 'accuracy_tiny_gain_vs_cost.png'):
         assert _png_size(tmp_path / 'results' / png)[0] > 0
+
+
+def test_accuracy_configurations_scaled_tffd_rows():
+    from benchmarks.accuracy import configurations
+    default = configurations('t.pth')
+    assert default['tffd-inter+intra'][-4:] == ['--tffd-inter-weight', '0.005', '--tffd-intra-weight', '0.0004']
+    assert default['kd'][-2:] == ['--teacher-checkpoint', 't.pth'] and '--sfd' in default['sfd-ri']
+    scaled = configurations('t.pth', 10)
+    assert list(scaled)[:len(default)] == list(default)  # the reference-weight rows stay
+    assert scaled['tffd-inter+intra-x10'][-4:] == ['--tffd-inter-weight', '0.05', '--tffd-intra-weight', '0.004']
+    assert scaled['tffd+label-smoothing-x10'][:4] == ['--tffd', 'inter,intra', '--smoothing', '0.1']

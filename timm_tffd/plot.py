@@ -54,19 +54,27 @@ def group_runs(run_dirs: Sequence[str]) -> 'OrderedDict[str, List[str]]':
     return groups
 
 
+def _colors(plt, n: int) -> list:
+    """n distinct colors: matplotlib's 10-color cycle, or tab20 for more series."""
+    cmap = plt.get_cmap('tab10' if n <= 10 else 'tab20')
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_curves(run_dirs: Sequence[str], out: str, title: Optional[str] = None) -> str:
     """Eval top-1 and train loss against epoch, mean and seed spread per configuration; returns ``out``."""
     plt = _pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
-    for name, dirs in group_runs(run_dirs).items():
+    groups = group_runs(run_dirs)
+    colors = _colors(plt, len(groups))
+    for color, (name, dirs) in zip(colors, groups.items()):
         summaries = [read_summary(d) for d in dirs]
         n = min(len(s['epoch']) for s in summaries)
         epochs = summaries[0]['epoch'][:n] + 1
         for ax, key in ((ax_acc, 'eval_top1'), (ax_loss, 'train_loss')):
             values = np.stack([s[key][:n] for s in summaries])
-            line, = ax.plot(epochs, values.mean(0), label=f'{name} (n={len(dirs)})')
+            ax.plot(epochs, values.mean(0), color=color, label=f'{name} (n={len(dirs)})')
             if len(dirs) > 1:
-                ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.2)
     ax_acc.set(xlabel='epoch', ylabel='eval top-1 (%)', title='test accuracy')
     ax_loss.set(xlabel='epoch', ylabel='train loss', title='training loss')
     ax_acc.legend(fontsize='small')
@@ -86,13 +94,13 @@ def plot_gain_vs_cost(rows: Sequence[dict], out: str, title: Optional[str] = Non
         out: PNG path.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(FIGSIZE[0] * 0.6, FIGSIZE[1]), dpi=DPI)
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0] * 0.8, FIGSIZE[1]), dpi=DPI)
+    for color, r in zip(_colors(plt, len(rows)), rows):
         err = [[r['gain'] - r['ci_low']], [r['ci_high'] - r['gain']]]
-        ax.errorbar(r['cost_s'], r['gain'], yerr=err, fmt='o', capsize=3)
-        ax.annotate(r['config'], (r['cost_s'], r['gain']), textcoords='offset points', xytext=(4, 4),
-                    fontsize='small')
+        ax.errorbar(r['cost_s'], r['gain'], yerr=err, fmt='o', capsize=3, color=color, label=r['config'])
     ax.axhline(0, color='grey', lw=0.8)
+    if rows:
+        ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))  # labels never hide the points
     ax.set(xlabel='wall time per run (s), teacher training included', ylabel='top-1 gain over baseline (points)',
            title=title or 'accuracy gain against training cost')
     fig.tight_layout()
