@@ -227,8 +227,9 @@ def test_task_dict_state_and_ema():
     assert other.criterion.epoch == 4 and other.criterion.multiplier == pytest.approx(0.5)
 
 
-def test_task_compiles():
-    model, x = _create('resnet')
+@pytest.mark.parametrize('family', ['resnet', 'vit'])  # vit: token views and the O(L) run of equal-shape maps
+def test_task_compiles(family):
+    model, x = _create(family)
     task = TfFDTask(model, nn.CrossEntropyLoss(), warmup_epochs=0, verbose=False)
     eager = copy.deepcopy(task).train()
     task.compile(backend='aot_eager')

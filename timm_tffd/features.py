@@ -153,7 +153,7 @@ class FeatureTaps:
         if self.mode == 'intermediates':
             if self.token_grid:
                 final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
-                h, w = _token_grid(model)(tuple(x.shape[-2:]))
+                h, w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
                 feats = [f.unflatten(1, (h, w)).permute(0, 3, 1, 2) for f in feats]  # NCHW views of the tokens
             else:
                 final, feats = model.forward_intermediates(x, indices=self.indices)
