@@ -13,6 +13,7 @@ Tf-FD needs the logits and a few stage outputs of the *same* forward pass. ``Fea
   which sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
 """
 import functools
+import importlib
 import inspect
 from typing import List, Optional, Sequence, Tuple
 
@@ -80,16 +81,13 @@ _NLC_FAMILIES = (('vision_transformer', 'VisionTransformer'), ('eva', 'Eva'), ('
                  ('convit', 'ConVit'))
 
 
-def _token_grid(model: nn.Module):
-    """The patch grid function ``(H, W) image -> (h, w) tokens`` of a token model whose NLC intermediates can be
-    viewed as NCHW maps, or None."""
-    import importlib
+def _tokens_as_views(model: nn.Module) -> bool:
+    """Whether ``model`` is a token model whose NLC intermediates can be viewed as NCHW maps on the grid its
+    ``patch_embed.dynamic_feat_size`` reports."""
     classes = tuple(getattr(importlib.import_module(f'timm.models.{m}'), c) for m, c in _NLC_FAMILIES)
-    if not isinstance(model, classes):
-        return None
-    if 'output_fmt' not in inspect.signature(model.forward_intermediates).parameters:
-        return None
-    return getattr(getattr(model, 'patch_embed', None), 'dynamic_feat_size', None)
+    return (isinstance(model, classes)
+            and 'output_fmt' in inspect.signature(model.forward_intermediates).parameters
+            and hasattr(getattr(model, 'patch_embed', None), 'dynamic_feat_size'))
 
 
 class FeatureTaps:
@@ -125,7 +123,7 @@ class FeatureTaps:
         if mode not in ('intermediates', 'hooks', 'preact'):
             raise ValueError(f'unknown feature tap mode {mode!r}')
         self.mode = mode
-        self.token_grid = mode == 'intermediates' and _token_grid(model) is not None
+        self.token_grid = mode == 'intermediates' and _tokens_as_views(model)
         self._buffer = {}
         self._active = False
         self._handles = []

@@ -35,6 +35,10 @@ class TfFDState:
     def __init__(self, taps: FeatureTaps, methods: Dict[str, object], config: dict):
         self.taps = taps
         self.methods = methods
+        # Autograd runs the node created last first. A term whose backward returns the gradients of many maps at once
+        # (inter and m2o over a run of equal-shape maps) is computed last: its gradients reach the maps first and the
+        # other terms' accumulate into them in place, instead of both sets being held at the step's memory peak.
+        self.compute_order = sorted(methods, key=lambda n: getattr(methods[n], 'fused_backward', False))
         self.config = config
         self.stash: Optional[TfFDStash] = None
 
@@ -53,11 +57,7 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training:
         return type(self).forward(self, x)
     logits, feats = state.taps.forward(self, x)
-    # Autograd runs the node created last first. A term whose backward returns the gradients of many maps at once
-    # (inter and m2o over a run of equal-shape maps) is computed last: its gradients reach the maps first and the
-    # other terms' accumulate into them in place, instead of both sets being held at the step's memory peak.
-    order = sorted(state.methods, key=lambda n: getattr(state.methods[n], 'fused_backward', False))
-    computed = {name: state.methods[name](feats) for name in order}
+    computed = {name: state.methods[name](feats) for name in state.compute_order}  # see TfFDState
     terms = {name: computed[name] for name in state.methods}
     state.stash = TfFDStash(logits, terms, feats)
     return logits

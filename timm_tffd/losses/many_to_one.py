@@ -37,6 +37,11 @@ __all__ = ['many_to_one_loss', 'channel_groups', 'REMAINDERS']
 REMAINDERS = ('spread', 'drop')
 
 
+def _check_remainder(remainder: str):
+    if remainder not in REMAINDERS:
+        raise ValueError(f'unknown many-to-one remainder {remainder!r}; choose from {", ".join(REMAINDERS)}')
+
+
 def channel_groups(c_shallow: int, c_deep: int, remainder: str = 'spread') -> List[int]:
     """Sizes of the contiguous deep-channel groups, one per shallow channel (they sum to the deep channels used).
 
@@ -45,8 +50,7 @@ def channel_groups(c_shallow: int, c_deep: int, remainder: str = 'spread') -> Li
         c_deep: Deep channels C_d (at least C_s).
         remainder: ``'spread'`` or ``'drop'`` (see the module docstring).
     """
-    if remainder not in REMAINDERS:
-        raise ValueError(f'unknown many-to-one remainder {remainder!r}; choose from {", ".join(REMAINDERS)}')
+    _check_remainder(remainder)
     if c_deep < c_shallow:
         raise ValueError(f'many-to-one distillation needs at least as many deep channels as shallow ones, got '
                          f'{c_deep} deep for {c_shallow} shallow')
@@ -82,11 +86,11 @@ def many_to_one_loss(
         remainder: ``'spread'`` or ``'drop'``: the groups when C_s does not divide C_d.
     """
     index_pairs = inter_layer_pairs(len(features), pairs, 'top-down')
+    _check_remainder(remainder)  # also when every pair is in a run of equal shapes
     mean_squares = {}
     total = 0.
     rest = index_pairs
     if pairs == 'all':
-        channel_groups(1, 1, remainder)  # validates remainder
         runs, rest = split_run_pairs(features, index_pairs)
         for a, b in runs:  # equal shapes: one channel per group, the pair loss is inter-layer's
             total = total + run_pair_mse(features[a:b], 'top-down')
