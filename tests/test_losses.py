@@ -13,6 +13,23 @@ def _features(seed=0, shapes=((2, 4, 8, 8), (2, 6, 4, 4), (2, 8, 2, 2))):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
+LAYOUTS = ('contiguous', 'channels_last', 'token_view')
+
+
+def _as_layout(f, layout):
+    """The same values as ``f`` in another memory layout: channels last, or the NCHW view of a ViT's token tensor
+    (a prefix token in front, as ``FeatureTaps`` makes them). A leaf for ``token_view`` is the token tensor."""
+    if layout == 'contiguous':
+        return f
+    if layout == 'channels_last':
+        return f.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = f.shape
+    tokens = torch.cat([torch.full((n, 1, c), 7., dtype=f.dtype), f.permute(0, 2, 3, 1).reshape(n, h * w, c)], 1)
+    view = tokens[:, 1:].unflatten(1, (h, w)).permute(0, 3, 1, 2)
+    assert view.stride(1) == 1 and torch.equal(view, f)
+    return view
+
+
 def _np_pool(a, size):
     n, c, h, w = a.shape
     kh, kw = h // size[0], w // size[1]
@@ -77,13 +94,15 @@ def _torch_pairwise(feats, pairs):
 
 
 @pytest.mark.parametrize('direction', ['top-down', 'bottom-up', 'bidirectional'])
-def test_inter_equal_shape_runs_match_pairwise(direction):
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_inter_equal_shape_runs_match_pairwise(direction, layout):
     from timm_tffd.losses.inter import equal_shape_runs
     feats = _features(3, RUN_SHAPES)
     assert equal_shape_runs(feats) == [(1, 5), (5, 7)]
     pairs = inter_layer_pairs(len(feats), 'all', direction)
-    assert inter_layer_loss(feats, 'all', direction).item() == pytest.approx(_np_inter(feats, pairs), rel=1e-10)
-    got = [f.clone().requires_grad_() for f in feats]
+    laid_out = [_as_layout(f, layout) for f in feats]
+    assert inter_layer_loss(laid_out, 'all', direction).item() == pytest.approx(_np_inter(feats, pairs), rel=1e-10)
+    got = [_as_layout(f, layout).clone().requires_grad_() for f in feats]
     want = [f.clone().requires_grad_() for f in feats]
     inter_layer_loss(got, 'all', direction).backward()
     _torch_pairwise(want, pairs).backward()
@@ -122,10 +141,11 @@ def _np_intra_stage(f, detach_note=None):
     return float(((top - bottom) ** 2).mean())
 
 
-def test_intra_golden_with_odd_channels():
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_intra_golden_with_odd_channels(layout):
     feats = _features(1, ((2, 5, 4, 4), (3, 8, 2, 2)))  # C = 5: the least salient channel is left out
     expected = np.mean([_np_intra_stage(f) for f in feats])
-    assert intra_layer_loss(feats).item() == pytest.approx(expected, rel=1e-10)
+    assert intra_layer_loss([_as_layout(f, layout) for f in feats]).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_intra_hand_example():
@@ -148,15 +168,17 @@ def test_intra_gradients_and_detach():
     assert x.grad.abs().sum() > 0
 
 
-def test_saliency_metrics_golden():
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_saliency_metrics_golden(layout):
     f = _features(3, ((3, 4, 5, 5),))[0]
     a = f.numpy()
+    f = _as_layout(f, layout)
     np.testing.assert_allclose(SALIENCY['norm'](f).numpy(), F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3]).numpy(),
                                rtol=1e-12)
     np.testing.assert_allclose(SALIENCY['l1'](f).numpy(), np.abs(a).sum((2, 3)).mean(0), rtol=1e-12)
     np.testing.assert_allclose(SALIENCY['l2'](f).numpy(), np.sqrt((a ** 2).sum((2, 3))).mean(0), rtol=1e-12)
     ranks = np.array([[np.linalg.matrix_rank(a[n, c]) for c in range(4)] for n in range(3)]).mean(0)
-    low_rank = f.clone()
+    low_rank = f.contiguous()
     low_rank[:, 1] = torch.ones(5, 1, dtype=f.dtype) @ torch.arange(5., dtype=f.dtype)[None]  # rank-1 maps
     ranks[1] = 1
     np.testing.assert_allclose(SALIENCY['hrank'](low_rank).numpy(), ranks)
@@ -197,10 +219,21 @@ def test_functional_errors():
         intra_layer_loss([torch.randn(2, 1, 4, 4)])
 
 
-def test_paired_channel_mse_gradients_match_autograd():
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('channels', [6, 7])
+@pytest.mark.parametrize('chunk_numel', [None, 54])  # 54: temporaries of two samples at a time (3 chunks)
+def test_paired_channel_mse_gradients_match_autograd(layout, channels, chunk_numel, monkeypatch):
+    from timm_tffd.losses import intra
     from timm_tffd.losses.intra import paired_channel_mse
-    f = torch.randn(2, 7, 3, 3, dtype=torch.float64, requires_grad=True)
-    salient, redundant = torch.tensor([4, 0, 6]), torch.tensor([1, 5, 2])  # channel 3 left out
+    if chunk_numel:
+        monkeypatch.setattr(intra, '_CHUNK_NUMEL', chunk_numel)
+        assert len(intra._batch_chunks(torch.empty(5, channels, 3, 3), 3)) == 3
+    f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
+    expected_value = F.mse_loss(f[:, [1, 5, 2]], f[:, [4, 0, 6 if channels == 7 else 3]])
+    assert paired_channel_mse(f, torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])).item() \
+        == pytest.approx(expected_value.item(), rel=1e-12)
+    # with 7 channels, channel 3 is left out
+    salient, redundant = torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])
     # numerical Jacobian only without the stop-gradient (which it cannot see)
     assert torch.autograd.gradcheck(lambda x: paired_channel_mse(x, salient, redundant), (f,))
     for detach in (False, True):
@@ -208,7 +241,20 @@ def test_paired_channel_mse_gradients_match_autograd():
         expected = torch.autograd.grad(F.mse_loss(f[:, redundant], ref_salient), f)[0]
         got = torch.autograd.grad(paired_channel_mse(f, salient, redundant, detach), f)[0]
         torch.testing.assert_close(got, expected)
-        assert (got[:, 3] == 0).all()
+        if channels == 7:
+            assert (got[:, 3] == 0).all()
+        if detach:
+            assert (got[:, salient] == 0).all()
+
+
+@pytest.mark.parametrize('kernel', [(1, 2), (2, 1), (2, 2), (3, 3), (4, 2)])
+def test_avg_pool_kernels_match_reference(kernel):
+    from timm_tffd.losses.inter import _avg_pool
+    x = _features(5, ((2, 3, 12, 12),))[0]
+    size = (12 // kernel[0], 12 // kernel[1])
+    np.testing.assert_allclose(_avg_pool(x, kernel).numpy(), _np_pool(x.numpy(), size), rtol=1e-12)
+    x = x.contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(_avg_pool(x, kernel).numpy(), _np_pool(x.numpy(), size), rtol=1e-12)
 
 
 def test_inter_pooling_composes_for_non_integer_ratios():

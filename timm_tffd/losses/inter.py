@@ -56,9 +56,20 @@ def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top
 
 
 def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
-    """Average pooling with kernel = stride, as a depthwise convolution (oneDNN's depthwise kernel is about 3x faster
-    on CPU than ``avg_pool2d`` on the large shallow maps Tf-FD pools; the result is the same)."""
-    weight = x.new_full((x.shape[1], 1) + tuple(kernel), 1. / (kernel[0] * kernel[1]))
+    """Average pooling with kernel = stride. Kernels of up to 4 elements (the 2x2 between the stages of a CNN, which
+    ``_Pooler`` composes into larger ratios) sum strided views: no temporary as large as ``x`` (oneDNN's depthwise
+    convolution reorders the whole map first), and up to 3x faster than ``avg_pool2d`` on CPU. Other kernels run as
+    a depthwise convolution. The result is the same."""
+    kh, kw = kernel
+    if kh * kw <= 4:
+        parts = [x[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+        if len(parts) == 1:
+            return parts[0]
+        out = parts[0] + parts[1]
+        for part in parts[2:]:
+            out += part
+        return out.mul_(1. / len(parts))
+    weight = x.new_full((x.shape[1], 1) + tuple(kernel), 1. / (kh * kw))
     return F.conv2d(x, weight, stride=kernel, groups=x.shape[1])
 
 
@@ -152,8 +163,11 @@ def split_run_pairs(
 
 
 def _zeros(like: torch.Tensor) -> torch.Tensor:
-    """An accumulator for sums of maps like ``like``: float32 at least (float16/bfloat16 maps under AMP)."""
-    return torch.zeros(like.shape, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+    """An accumulator for sums of maps like ``like``: float32 at least (float16/bfloat16 maps under AMP), in the
+    maps' own memory layout (channels last for token views), so that every sum and difference with them, and the
+    gradients made from it, run over contiguous memory (3-4x faster than mixing layouts on CPU)."""
+    return torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32),
+                            memory_format=torch.preserve_format)
 
 
 class _RunMSE(torch.autograd.Function):

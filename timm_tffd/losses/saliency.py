@@ -23,10 +23,18 @@ __all__ = ['SALIENCY', 'get_saliency', 'bn_scale_saliency', 'BNScaleSaliency']
 _EPS = 1e-12
 
 
+def _spatial_l2(f: torch.Tensor) -> torch.Tensor:
+    """``||f[b, c]||_2`` over H, W. On channels-last maps (the token views of ViT-family models) ``vector_norm``
+    reduces over strided dims about 7x slower than squaring and summing, so that form is used there."""
+    if f.stride(1) == 1 and f.shape[1] > 1:
+        return f.square().sum((2, 3)).sqrt_()
+    return torch.linalg.vector_norm(f, dim=(2, 3))
+
+
 def norm_saliency(f: torch.Tensor) -> torch.Tensor:
     # == F.normalize(f, p=2, dim=(2, 3)).mean((0, 2, 3)) without materializing the normalized map
     hw = f.shape[-1] * f.shape[-2]
-    return (f.sum((2, 3)) / f.norm(p=2, dim=(2, 3)).clamp_min(_EPS)).mean(0) / hw
+    return (f.sum((2, 3)) / _spatial_l2(f).clamp_min(_EPS)).mean(0) / hw
 
 
 def l1_saliency(f: torch.Tensor) -> torch.Tensor:
@@ -34,7 +42,7 @@ def l1_saliency(f: torch.Tensor) -> torch.Tensor:
 
 
 def l2_saliency(f: torch.Tensor) -> torch.Tensor:
-    return f.norm(p=2, dim=(2, 3)).mean(0)
+    return _spatial_l2(f).mean(0)
 
 
 def entropy_saliency(f: torch.Tensor, bins: int = 10) -> torch.Tensor:
