@@ -12,6 +12,10 @@ Data: the full official Fashion-MNIST (60k / 10k), from Debian's package::
     python benchmarks/accuracy.py --mode quick --stage sweep   # 2. the Tf-FD weight scale
     python benchmarks/accuracy.py --mode quick                 # 3. every configuration (--lr from step 1)
     python benchmarks/accuracy.py --mode full                  # the same on all 60k training images
+    python benchmarks/accuracy.py --mode quick --stage ablation --tffd-scale 10   # where the effect comes from
+
+The last column of each table is the weighted extra terms' share of the training loss in the last epoch (the loss
+scale at which a regularizer acts), read from the run's own log.
 
 Statistics: seeds are paired across configurations (the same seed gives the same initial weights and the same batch
 order), so the gain's interval is the paired t interval of the per-seed differences, ``mean(d) +- t(0.975, n-1) *
@@ -80,6 +84,24 @@ def configurations(teacher_ckpt: Optional[str], tffd_scale: float = 1.0) -> Dict
     return configs
 
 
+def ablations(scale: float) -> Dict[str, List[str]]:
+    """``--stage ablation``: where Tf-FD's effect comes from, at the sweep's weight scale. Each variant changes one
+    thing against inter+intra: a term alone, the features before the closing ReLU (``--tffd-preact``), adjacent
+    stage pairs only, the two deeper stages only, or a fixed salient half."""
+    both = ['--tffd', 'inter,intra'] + _tffd_weights(scale)
+    tag = f'x{scale:g}'
+    return {
+        'baseline': [],
+        f'tffd-inter+intra-{tag}': both,
+        f'tffd-inter-{tag}': ['--tffd', 'inter'] + _tffd_weights(scale)[:2],
+        f'tffd-intra-{tag}': ['--tffd', 'intra'] + _tffd_weights(scale)[2:],
+        f'tffd-inter+intra-{tag}-preact': both + ['--tffd-preact'],
+        f'tffd-inter+intra-{tag}-adjacent': both + ['--tffd-pairs', 'adjacent'],
+        f'tffd-inter+intra-{tag}-deep-stages': both + ['--tffd-stages', '2', '3'],
+        f'tffd-inter+intra-{tag}-detach-salient': both + ['--tffd-detach-salient'],
+    }
+
+
 def paired_gain(config: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict:
     """Mean per-seed difference and its paired t confidence interval (NaN bounds with fewer than 2 pairs)."""
     if len(config) != len(baseline):
@@ -98,10 +120,22 @@ def summarize(values: Sequence[float]) -> dict:
             'n': len(values)}
 
 
-def final_top1(run_dir: str) -> float:
+def _last_epoch(run_dir: str) -> dict:
     with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1]['eval_top1'])
+        return list(csv.DictReader(f))[-1]
+
+
+def final_top1(run_dir: str) -> float:
+    return float(_last_epoch(run_dir)['eval_top1'])
+
+
+def regularizer_share(run_dir: str) -> Optional[float]:
+    """The weighted Tf-FD / distillation terms' share of the training loss in the last epoch, ``1 - base / total``
+    (the loss scale at which the regularizer acted); None for a run that logs no separate base loss."""
+    row = _last_epoch(run_dir)
+    if not row.get('train_base_loss'):
+        return None
+    return 1. - float(row['train_base_loss']) / float(row['train_loss'])
 
 
 def prepare_fashion_mnist(src: str, root: str) -> str:
@@ -160,13 +194,17 @@ def write_report(results: dict, out_dir: str, stem: str, title: str):
     with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
         json.dump(results, f, indent=2)
     lines = [f'# {title}', '', results['recipe'], '',
-             '| configuration | top-1 mean | std | gain vs baseline [95% CI] | wall time / run (s) | + teacher (s) |',
-             '|---|---:|---:|---:|---:|---:|']
+             '| configuration | top-1 mean | std | gain vs baseline [95% CI] | wall time / run (s) | + teacher (s) '
+             '| extra terms / train loss |',
+             '|---|---:|---:|---:|---:|---:|---:|']
     for name, r in results['configs'].items():
         gain = '—' if name == 'baseline' else \
             f'{r["gain"]:+.2f} [{r["ci_low"]:+.2f}, {r["ci_high"]:+.2f}]'
         teacher = f'{r["teacher_s"]:.0f}' if r['teacher_s'] else '—'
-        lines.append(f'| {name} | {r["mean"]:.2f} | {r["std"]:.2f} | {gain} | {r["time_s"]:.0f} | {teacher} |')
+        share = r.get('loss_share')
+        share = f'{100 * share:.1f}%' if share is not None else '—'
+        lines.append(f'| {name} | {r["mean"]:.2f} | {r["std"]:.2f} | {gain} | {r["time_s"]:.0f} | {teacher} '
+                     f'| {share} |')
     with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     try:
@@ -185,8 +223,9 @@ def write_report(results: dict, out_dir: str, stem: str, title: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--mode', choices=list(MODES), default='quick')
-    parser.add_argument('--stage', choices=['compare', 'sweep', 'lr'], default='compare',
-                        help='compare: all configurations; sweep: Tf-FD weight scales; lr: baseline learning rates')
+    parser.add_argument('--stage', choices=['compare', 'sweep', 'lr', 'ablation'], default='compare',
+                        help='compare: all configurations; sweep: Tf-FD weight scales; lr: baseline learning rates; '
+                             'ablation: Tf-FD variants at --tffd-scale (terms alone, pre-activation, pairs, stages)')
     parser.add_argument('--configs', default='', help='comma-separated subset of the configurations')
     parser.add_argument('--seeds', type=int, default=0, help='seeds per configuration (default: the mode\'s)')
     parser.add_argument('--lr', type=float, default=0.2, help='baseline-tuned (--stage lr): 0.2')
@@ -219,6 +258,8 @@ def main(argv=None):
         configs = {'baseline': []}
         for scale in (1, 10, 100):
             configs[f'tffd-inter+intra-x{scale}'] = ['--tffd', 'inter,intra'] + _tffd_weights(scale)
+    elif args.stage == 'ablation':
+        configs = ablations(args.tffd_scale)
     else:
         configs = configurations(None, args.tffd_scale)
     if args.configs:
@@ -256,8 +297,10 @@ def main(argv=None):
         top1 = [final_top1(d) for d, _ in runs]
         r = summarize(top1)
         r.update(paired_gain(top1, base) if name != 'baseline' else {'gain': 0., 'ci_low': 0., 'ci_high': 0.})
+        shares = [regularizer_share(d) for d, _ in runs]
         r.update(top1=top1, runs=[d for d, _ in runs], time_s=statistics.fmean(s for _, s in runs),
-                 teacher_s=teacher_s if name in needs_teacher else 0.)
+                 teacher_s=teacher_s if name in needs_teacher else 0.,
+                 loss_share=statistics.fmean(shares) if None not in shares else None)
         results['configs'][name] = r
     data = 'embedded Fashion-MNIST subset' if args.embedded else 'Fashion-MNIST (official split)'
     results['recipe'] = (

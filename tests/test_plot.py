@@ -95,8 +95,20 @@ def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
         top1 = [float(list(csv.DictReader(open(os.path.join(d, 'summary.csv'))))[-1]['eval_top1']) for d in r['runs']]
         assert r['top1'] == top1 and r['mean'] == pytest.approx(sum(top1) / len(top1))
         assert r['gain'] == pytest.approx(sum(a - b for a, b in zip(top1, base)) / len(top1))
+    for name, r in results['configs'].items():  # the regularizer's share of the loss, from the run's own log
+        last = list(csv.DictReader(open(os.path.join(r['runs'][0], 'summary.csv'))))[-1]
+        if name == 'baseline':
+            assert r['loss_share'] is None
+        if name == 'tffd-inter':
+            shares = []
+            for d in r['runs']:
+                row = list(csv.DictReader(open(os.path.join(d, 'summary.csv'))))[-1]
+                shares.append((float(row['train_loss']) - float(row['train_base_loss'])) / float(row['train_loss']))
+            assert 0 < r['loss_share'] < 1 and r['loss_share'] == pytest.approx(sum(shares) / len(shares))
+            assert float(last['train_tffd_inter']) > 0
     table = (tmp_path / 'results' / 'accuracy_tiny.md').read_text()
     assert '| tffd-inter |' in table and '| kd |' in table
+    assert f'| {100 * results["configs"]["tffd-inter"]["loss_share"]:.1f}% |' in table
     for png in ('accuracy_tiny_curves.png', 'accuracy_tiny_gain_vs_cost.png'):
         assert _png_size(tmp_path / 'results' / png)[0] > 0
 
@@ -110,3 +122,22 @@ def test_accuracy_configurations_scaled_tffd_rows():
     assert list(scaled)[:len(default)] == list(default)  # the reference-weight rows stay
     assert scaled['tffd-inter+intra-x10'][-4:] == ['--tffd-inter-weight', '0.05', '--tffd-intra-weight', '0.004']
     assert scaled['tffd+label-smoothing-x10'][:4] == ['--tffd', 'inter,intra', '--smoothing', '0.1']
+
+
+def test_accuracy_ablation_variants_are_valid_training_commands():
+    """Each ablation variant differs from inter+intra in the one flag it names, and the training script accepts it."""
+    from benchmarks.accuracy import ablations
+    from train_timm_tffd import parse_args
+    variants = ablations(10)
+    both = variants['tffd-inter+intra-x10']
+    assert both == ['--tffd', 'inter,intra', '--tffd-inter-weight', '0.05', '--tffd-intra-weight', '0.004']
+    expected = {'preact': ['--tffd-preact'], 'adjacent': ['--tffd-pairs', 'adjacent'],
+                'deep-stages': ['--tffd-stages', '2', '3'], 'detach-salient': ['--tffd-detach-salient']}
+    for suffix, flags in expected.items():
+        assert variants[f'tffd-inter+intra-x10-{suffix}'] == both + flags
+    for name, extra in variants.items():
+        args, _ = parse_args(['--model', 'cifar_resnet8', *extra])
+        if name != 'baseline':
+            assert args.tffd and args.tffd_inter_weight in (0.005, 0.05)
+    args, _ = parse_args(['--model', 'cifar_resnet8', *variants['tffd-inter+intra-x10-deep-stages']])
+    assert args.tffd_stages == [2, 3] and args.tffd_intra_weight == 0.004
