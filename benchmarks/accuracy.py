@@ -131,11 +131,13 @@ def final_top1(run_dir: str) -> float:
 
 def regularizer_share(run_dir: str) -> Optional[float]:
     """The weighted Tf-FD / distillation terms' share of the training loss in the last epoch, ``1 - base / total``
-    (the loss scale at which the regularizer acted); None for a run that logs no separate base loss."""
+    (the loss scale at which the regularizer acted). The base loss is logged as ``train_base_loss`` by the Tf-FD and
+    SFD tasks and as ``train_task_loss`` by timm's distillation tasks; None for a run that logs neither."""
     row = _last_epoch(run_dir)
-    if not row.get('train_base_loss'):
+    base = row.get('train_base_loss') or row.get('train_task_loss')
+    if not base:
         return None
-    return 1. - float(row['train_base_loss']) / float(row['train_loss'])
+    return 1. - float(base) / float(row['train_loss'])
 
 
 def prepare_fashion_mnist(src: str, root: str) -> str:

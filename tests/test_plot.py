@@ -106,6 +106,9 @@ def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
                 shares.append((float(row['train_loss']) - float(row['train_base_loss'])) / float(row['train_loss']))
             assert 0 < r['loss_share'] < 1 and r['loss_share'] == pytest.approx(sum(shares) / len(shares))
             assert float(last['train_tffd_inter']) > 0
+        if name == 'kd':  # timm's distillation task logs its base loss as train_task_loss
+            row = list(csv.DictReader(open(os.path.join(r['runs'][-1], 'summary.csv'))))[-1]
+            assert 0 < r['loss_share'] < 1 and float(row['train_kd_loss']) > 0
     table = (tmp_path / 'results' / 'accuracy_tiny.md').read_text()
     assert '| tffd-inter |' in table and '| kd |' in table
     assert f'| {100 * results["configs"]["tffd-inter"]["loss_share"]:.1f}% |' in table
