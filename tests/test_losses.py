@@ -263,3 +263,15 @@ def test_inter_pooling_composes_for_non_integer_ratios():
     expected = F.mse_loss(F.adaptive_avg_pool2d(a, 3), b[:, :3])
     torch.testing.assert_close(inter_layer_loss([a, b]), expected)
 
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_intra_float16_maps_with_large_values_stay_finite(layout):
+    # AMP's float16 maps: differences of a few hundred square past float16's 65504
+    f = _features(6, ((2, 6, 4, 4),))[0]
+    f += torch.tensor([0., 3., 1., 5., 2., 4.], dtype=f.dtype)[:, None, None]  # well-separated saliencies
+    f = (300 * f).half()
+    expected = _np_intra_stage(f.double())
+    got = intra_layer_loss([_as_layout(f, layout)])
+    assert torch.isfinite(got) and got.item() == pytest.approx(expected, rel=1e-3)
+    assert expected > 65504

@@ -60,7 +60,10 @@ class _PairedChannelMSE(torch.autograd.Function):
         ctx.detach_salient = detach_salient
         total = f.new_zeros((), dtype=torch.promote_types(f.dtype, torch.float32))
         for chunk in _batch_chunks(f, redundant.numel()):
-            total += _pair_difference(f[chunk], salient, redundant).square_().sum(dtype=total.dtype)
+            d = _pair_difference(f[chunk], salient, redundant)
+            if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
+                d = d.float()
+            total += d.square_().sum(dtype=total.dtype)
         return total / (f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
 
     @staticmethod
