@@ -88,13 +88,14 @@ def ablations(scale: float) -> Dict[str, List[str]]:
     """``--stage ablation``: where Tf-FD's effect comes from, at the sweep's weight scale. Each variant changes one
     thing against inter+intra: a term alone, the features before the closing ReLU (``--tffd-preact``), adjacent
     stage pairs only, the two deeper stages only, or a fixed salient half."""
-    both = ['--tffd', 'inter,intra'] + _tffd_weights(scale)
+    weights = _tffd_weights(scale)
+    both = ['--tffd', 'inter,intra'] + weights
     tag = f'x{scale:g}'
     return {
         'baseline': [],
         f'tffd-inter+intra-{tag}': both,
-        f'tffd-inter-{tag}': ['--tffd', 'inter'] + _tffd_weights(scale)[:2],
-        f'tffd-intra-{tag}': ['--tffd', 'intra'] + _tffd_weights(scale)[2:],
+        f'tffd-inter-{tag}': ['--tffd', 'inter'] + weights[:2],
+        f'tffd-intra-{tag}': ['--tffd', 'intra'] + weights[2:],
         f'tffd-inter+intra-{tag}-preact': both + ['--tffd-preact'],
         f'tffd-inter+intra-{tag}-adjacent': both + ['--tffd-pairs', 'adjacent'],
         f'tffd-inter+intra-{tag}-deep-stages': both + ['--tffd-stages', '2', '3'],
@@ -233,7 +234,8 @@ def main(argv=None):
     parser.add_argument('--lr', type=float, default=0.2, help='baseline-tuned (--stage lr): 0.2')
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--tffd-scale', type=float, default=1.0,
-                        help='compare: also run Tf-FD rows with both default weights times this (the sweep\'s best)')
+                        help='both default Tf-FD weights times this (the sweep\'s best); compare: added rows next to '
+                             'the reference-weight ones; ablation: every variant')
     parser.add_argument('--tffd-warmup', type=int, default=0, help='Tf-FD warm-up epochs (short budgets: 0)')
     parser.add_argument('--workers', type=int, default=1)
     parser.add_argument('--jobs', type=int, default=2, help='training runs at a time')

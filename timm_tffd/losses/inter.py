@@ -61,10 +61,8 @@ def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
     convolution reorders the whole map first), and up to 3x faster than ``avg_pool2d`` on CPU. Other kernels run as
     a depthwise convolution. The result is the same."""
     kh, kw = kernel
-    if kh * kw <= 4:
+    if 1 < kh * kw <= 4:
         parts = [x[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
-        if len(parts) == 1:
-            return parts[0]
         out = parts[0] + parts[1]
         for part in parts[2:]:
             out += part

@@ -9,22 +9,18 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .saliency import get_saliency
+from .saliency import channels_last_map, get_saliency
 
 __all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse']
 
 SaliencyFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _channels_last(f: torch.Tensor) -> bool:
-    return f.stride(1) == 1 and f.shape[1] > 1
-
-
 def _pair_difference(f: torch.Tensor, salient: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
     """``f[:, redundant] - f[:, salient]``, as NCHW, or as NHWC for a channels-last map (token views of ViT-family
     models), where channels are gathered along the contiguous dim: ``gather`` there is about 4x faster than
     indexing dim 1 of the strided view."""
-    if _channels_last(f):
+    if channels_last_map(f):
         t = f.permute(0, 2, 3, 1)
         shape = t.shape[:-1] + (redundant.numel(),)
         return torch.gather(t, -1, redundant.expand(shape)).sub_(torch.gather(t, -1, salient.expand(shape)))
@@ -72,7 +68,7 @@ class _PairedChannelMSE(torch.autograd.Function):
         b, c, h, w = f.shape
         scale = 2 * grad_out / (b * redundant.numel() * h * w)
         full = c == 2 * redundant.numel() and not ctx.detach_salient
-        channels_last = _channels_last(f)
+        channels_last = channels_last_map(f)
         # the gradient in the map's layout: NHWC for channels-last maps (returned as its NCHW permutation)
         grad = torch.empty((b, h, w, c) if channels_last else (b, c, h, w), dtype=f.dtype, device=f.device)
         if not full:

@@ -23,11 +23,16 @@ __all__ = ['SALIENCY', 'get_saliency', 'bn_scale_saliency', 'BNScaleSaliency']
 _EPS = 1e-12
 
 
+def channels_last_map(f: torch.Tensor) -> bool:
+    """Whether an NCHW map is laid out channels last (channel stride 1), as the token views of ViT-family models."""
+    return f.stride(1) == 1 and f.shape[1] > 1
+
+
 def _spatial_l2(f: torch.Tensor) -> torch.Tensor:
     """``||f[b, c]||_2`` over H, W. On channels-last maps (the token views of ViT-family models) ``vector_norm``
     reduces over strided dims about 7x slower than squaring and summing, so that form is used there (not in
     float16, where the squares could overflow)."""
-    if f.stride(1) == 1 and f.shape[1] > 1 and f.dtype != torch.float16:
+    if channels_last_map(f) and f.dtype != torch.float16:
         return f.square().sum((2, 3)).sqrt_()
     return torch.linalg.vector_norm(f, dim=(2, 3))
 
