@@ -5,7 +5,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
 * Time: every configuration gets its own copy of the same initial model; configurations run interleaved, round after
   round (alternating their order), and the ratio is the median over rounds of each step's time divided by the baseline
   step's of the same round: the speed of a shared 2-core machine drifts by 10% between rounds, and a ratio within a
-  round cancels that drift. The table also gives the median step time.
+  round cancels that drift. The ratio's 95% interval is a bootstrap over the rounds (it does not cover drift between
+  days). The table also gives the median step time.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
@@ -22,11 +23,12 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,8 +145,21 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
             t0 = time.perf_counter()
             steps[c]()
             times[c].append(time.perf_counter() - t0)
-    return {c: {'median_s': statistics.median(v),
-                'ratio': statistics.median(a / b for a, b in zip(v, times['baseline']))} for c, v in times.items()}
+    out = {}
+    for c, v in times.items():
+        ratios = [a / b for a, b in zip(v, times['baseline'])]
+        out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
+                  'ratio_ci95': median_interval(ratios)}
+    return out
+
+
+def median_interval(values, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``values`` (the per-round time ratios): how far the table's
+    ratio could move on a rerun under the same conditions. It does not cover drift between days."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def main():
@@ -172,8 +187,9 @@ def main():
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds')
     results = []
-    header = '| model | config | step time (ms) | time ratio | + teacher training | step memory (MB) | memory ratio |'
-    print(header + '\n|---|---|---:|---:|---:|---:|---:|')
+    header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
+              '| memory ratio |')
+    print(header + '\n|---|---|---:|---:|---:|---:|---:|---:|')
     teacher_step = {}
     models = args.models.split(',')
     if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
@@ -186,7 +202,7 @@ def main():
         for c in model_configs:
             base_s = times['baseline']['median_s']
             row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
-                   'time_ratio': times[c]['ratio']}
+                   'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95']}
             if c in TEACHER_CONFIGS and TEACHER in teacher_step:
                 row['time_ratio_with_teacher_training'] = times[c]['ratio'] + teacher_step[TEACHER] / base_s
             if mem:
@@ -195,8 +211,9 @@ def main():
             mem_cols = f'{row["step_mb"]:.0f} | {row["memory_ratio"]:.3f}' if mem else '- | -'
             with_teacher = row.get('time_ratio_with_teacher_training')
             with_teacher = f'{with_teacher:.3f}' if with_teacher else '-'
-            print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | {with_teacher} | '
-                  f'{mem_cols} |', flush=True)
+            lo, hi = row['time_ratio_ci95']
+            print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | [{lo:.3f}, {hi:.3f}] | '
+                  f'{with_teacher} | {mem_cols} |', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'args': vars(args), 'results': results}, f, indent=2)

@@ -1,4 +1,4 @@
-"""The step-cost benchmark's configurations build and train on tiny models (its timings are not tested)."""
+"""The cost benchmarks' configurations build and run on tiny models (their timings are not tested)."""
 import os
 import sys
 
@@ -9,7 +9,7 @@ import torch
 import timm_tffd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import overhead  # noqa: E402
+from benchmarks import overhead, terms  # noqa: E402
 
 
 def test_four_taps_picks_evenly_spaced_blocks():
@@ -26,3 +26,26 @@ def test_overhead_step_runs(config):
     step = overhead.make_step('resnet18', config, batch_size=2, img_size=224)  # emd-grid7 needs 7x7 maps
     losses = [step() for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize('model', ['test_resnet', 'test_vit'])
+def test_terms_benchmark_maps_and_configurations(model):
+    leaves = terms.tapped_maps(model, batch_size=2, img_size=64)  # no 1x1 maps (those are both layouts at once)
+    taps = timm_tffd.resolve_stages(timm.create_model(model, **({'img_size': 64} if 'vit' in model else {})))
+    assert len(leaves) == len(taps) and all(f.shape[0] == 2 and f.requires_grad for f in leaves)
+    assert all((f.stride(1) == 1) == (model == 'test_vit') for f in leaves)  # token views are channels last
+    grads = {c: terms.make_step(c, leaves)() for c in terms.CONFIGS}
+    for plain, shared in zip(grads['inter+intra'], grads['inter+intra-shared']):
+        torch.testing.assert_close(shared, plain)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads['network'], grads['inter+intra']))
+
+
+def test_median_interval():
+    assert overhead.median_interval([1.03] * 9) == (1.03, 1.03)
+    values = [1.00, 1.02, 1.03, 1.04, 1.05, 1.06, 1.30]
+    lo, hi = overhead.median_interval(values)
+    assert lo <= 1.04 <= hi and lo >= 1.00 and hi <= 1.06  # the outlier cannot become a resampled median here
+    assert (lo, hi) == overhead.median_interval(values)  # seeded: a rerun of the report gives the same interval
+    # more rounds of the same spread give a narrower interval
+    lo_many, hi_many = overhead.median_interval(values * 8)
+    assert hi_many - lo_many < hi - lo

@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.utils.model import unwrap_model
 
 from .features import FeatureTaps
+from .losses.sink import sink_features
 from .methods import MethodContext, get_method, method_options, parse_methods
 
 __all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'TfFDState', 'TfFDStash']
@@ -35,9 +36,9 @@ class TfFDState:
     def __init__(self, taps: FeatureTaps, methods: Dict[str, object], config: dict):
         self.taps = taps
         self.methods = methods
-        # Autograd runs the node created last first. A term whose backward returns the gradients of many maps at once
-        # (inter and m2o over a run of equal-shape maps) is computed last: its gradients reach the maps first and the
-        # other terms' accumulate into them in place, instead of both sets being held at the step's memory peak.
+        # Autograd runs the node created last first. Terms whose backward writes whole maps at once (inter: its
+        # pooling and its runs of equal-shape maps; m2o) are computed last: their gradients fill the maps' buffers
+        # first and the other terms' (intra's, by channel index) are added into them in place.
         self.compute_order = sorted(methods, key=lambda n: getattr(methods[n], 'fused_backward', False))
         self.config = config
         self.stash: Optional[TfFDStash] = None
@@ -57,7 +58,8 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training:
         return type(self).forward(self, x)
     logits, feats = state.taps.forward(self, x)
-    computed = {name: state.methods[name](feats) for name in state.compute_order}  # see TfFDState
+    shared = sink_features(feats)  # one gradient buffer per map for all terms (see timm_tffd.losses.sink)
+    computed = {name: state.methods[name](shared) for name in state.compute_order}  # see TfFDState
     terms = {name: computed[name] for name in state.methods}
     state.stash = TfFDStash(logits, terms, feats)
     return logits

@@ -21,6 +21,9 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .saliency import channels_last_map
+from .sink import sink_slot
+
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
            'run_pair_mse', 'PAIRS', 'DIRECTIONS']
 
@@ -58,7 +61,7 @@ def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top
 def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
     """Average pooling with kernel = stride. Kernels of up to 4 elements (the 2x2 between the stages of a CNN, which
     ``_Pooler`` composes into larger ratios) sum strided views: no temporary as large as ``x`` (oneDNN's depthwise
-    convolution reorders the whole map first), and up to 3x faster than ``avg_pool2d`` on CPU. Other kernels run as
+    convolution reorders the whole map first), and faster than ``avg_pool2d`` on CPU. Other kernels run as
     a depthwise convolution. The result is the same."""
     kh, kw = kernel
     if 1 < kh * kw <= 4:
@@ -72,20 +75,39 @@ def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
 
 
 class _AvgPool(torch.autograd.Function):
-    """``_avg_pool`` whose backward is one broadcast copy (faster than both ``avg_pool2d``'s and the convolution's
-    backward on CPU)."""
+    """``_avg_pool`` whose backward is one broadcast copy into the gradient (faster than both ``avg_pool2d``'s and the
+    convolution's backward on CPU), or a broadcast add into the map's shared buffer when ``x`` comes from
+    ``sink_features``."""
 
     @staticmethod
     def forward(ctx, x, kernel: Tuple[int, int]):
         ctx.kernel = kernel
+        ctx.slot = sink_slot(x)
+        ctx.layout = (tuple(x.shape), x.dtype, x.device, channels_last_map(x))
         return _avg_pool(x, kernel)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         kh, kw = ctx.kernel
         b, c, h, w = grad.shape
-        grad = (grad / (kh * kw)).view(b, c, h, 1, w, 1).expand(b, c, h, kh, w, kw)
-        return grad.reshape(b, c, h * kh, w * kw), None
+        src = (grad * (1. / (kh * kw)))[:, :, :, None, :, None]
+        if ctx.slot is not None:
+            sink, index = ctx.slot
+            out, fresh = sink.claim(index)
+        else:
+            shape, dtype, device, channels_last = ctx.layout
+            if channels_last:
+                out = torch.empty((b, h * kh, w * kw, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+            else:
+                out = torch.empty(shape, dtype=dtype, device=device)
+            fresh = True
+        blocks = out.unflatten(3, (w, kw)).unflatten(2, (h, kh))  # (b, c, h, kh, w, kw), a view of out
+        if fresh:
+            blocks.copy_(src)
+        else:
+            blocks.add_(src)
+        return (None if ctx.slot is not None else out), None
 
 
 class _Pooler:
@@ -163,9 +185,20 @@ def split_run_pairs(
 def _zeros(like: torch.Tensor) -> torch.Tensor:
     """An accumulator for sums of maps like ``like``: float32 at least (float16/bfloat16 maps under AMP), in the
     maps' own memory layout (channels last for token views), so that every sum and difference with them, and the
-    gradients made from it, run over contiguous memory (3-4x faster than mixing layouts on CPU)."""
+    gradients made from it, run over contiguous memory (mixing layouts is several times slower on CPU)."""
     return torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32),
                             memory_format=torch.preserve_format)
+
+
+def _to_sinks(slots, grads) -> Tuple:
+    """Hand the gradients of maps that come from ``sink_features`` to their sink; return the others."""
+    out = []
+    for slot, g in zip(slots, grads):
+        if slot is not None and g is not None:
+            slot[0].deposit(slot[1], g)
+            g = None
+        out.append(g)
+    return tuple(out)
 
 
 class _RunMSE(torch.autograd.Function):
@@ -174,6 +207,7 @@ class _RunMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, direction: str, *feats):
         ctx.direction = direction
+        ctx.slots = [sink_slot(f) for f in feats]
         ctx.save_for_backward(*feats)
         mean = _zeros(feats[0])
         for f in feats:
@@ -184,6 +218,7 @@ class _RunMSE(torch.autograd.Function):
         return pairs_sum / feats[0].numel()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         feats = ctx.saved_tensors
         n = len(feats)
@@ -196,7 +231,7 @@ class _RunMSE(torch.autograd.Function):
             for i, f in enumerate(feats):
                 if ctx.needs_input_grad[1 + i]:
                     grads[i] = torch.add(total, f, alpha=-n).mul_(-scale).to(f.dtype)  # (n f_i - total)
-            return (None,) + tuple(grads)
+            return (None,) + _to_sinks(ctx.slots, grads)
         order = range(n - 1, -1, -1) if ctx.direction == 'top-down' else range(n)
         running = _zeros(feats[0])
         for count, i in enumerate(order):  # count = targets of student i seen so far (deeper / shallower maps)
@@ -204,7 +239,7 @@ class _RunMSE(torch.autograd.Function):
             if ctx.needs_input_grad[1 + i] and count:  # the deepest (top-down) map is only a target: no gradient
                 grads[i] = torch.add(running, f, alpha=-count).mul_(-scale).to(f.dtype)
             running.add_(f)
-        return (None,) + tuple(grads)
+        return (None,) + _to_sinks(ctx.slots, grads)
 
 
 def run_pair_mse(features: Sequence[torch.Tensor], direction: str = 'top-down') -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .saliency import channels_last_map, get_saliency
+from .sink import sink_slot
 
 __all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse']
 
@@ -18,13 +19,15 @@ SaliencyFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _pair_difference(f: torch.Tensor, salient: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
     """``f[:, redundant] - f[:, salient]``, as NCHW, or as NHWC for a channels-last map (token views of ViT-family
-    models), where channels are gathered along the contiguous dim: ``gather`` there is about 4x faster than
+    models), where channels are gathered along the contiguous dim: ``gather`` there is several times faster than
     indexing dim 1 of the strided view."""
     if channels_last_map(f):
         t = f.permute(0, 2, 3, 1)
         shape = t.shape[:-1] + (redundant.numel(),)
         return torch.gather(t, -1, redundant.expand(shape)).sub_(torch.gather(t, -1, salient.expand(shape)))
-    # advanced indexing, not index_select, which would first make a strided map contiguous
+    if f.is_contiguous():  # whole H x W planes: index_select copies them faster than advanced indexing
+        return f.index_select(1, redundant).sub_(f.index_select(1, salient))
+    # other strided maps: advanced indexing, not index_select, which would first make the map contiguous
     return f[:, redundant].sub_(f[:, salient])
 
 
@@ -45,15 +48,18 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     Autograd through the indexing would zero a full-size gradient and scatter-add into it; here the gradient is
     written directly: ``+d`` into the redundant channels, ``-d`` into the salient ones (nothing with
-    ``detach_salient``), zeros only where a channel is left out or detached. Only ``f`` is saved (autograd keeps the
-    stage output anyway); the difference is recomputed in backward, chunk by chunk, instead of being held until then.
-    The gradient has the map's own layout (channels last for token views), so nothing is transposed after.
+    ``detach_salient``), zeros only where a channel is left out or detached. When ``f`` comes from ``sink_features``
+    the gradient goes into the map's shared buffer instead (written if no other term has touched it yet, else added).
+    Only ``f`` is saved (autograd keeps the stage output anyway); the difference is recomputed in backward, chunk by
+    chunk, instead of being held until then. The gradient has the map's own layout (channels last for token views),
+    so nothing is transposed after.
     """
 
     @staticmethod
     def forward(ctx, f, salient, redundant, detach_salient: bool):
         ctx.save_for_backward(f, salient, redundant)
         ctx.detach_salient = detach_salient
+        ctx.slot = sink_slot(f)
         total = f.new_zeros((), dtype=torch.promote_types(f.dtype, torch.float32))
         for chunk in _batch_chunks(f, redundant.numel()):
             d = _pair_difference(f[chunk], salient, redundant)
@@ -63,28 +69,43 @@ class _PairedChannelMSE(torch.autograd.Function):
         return total / (f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         f, salient, redundant = ctx.saved_tensors
         b, c, h, w = f.shape
         scale = 2 * grad_out / (b * redundant.numel() * h * w)
-        full = c == 2 * redundant.numel() and not ctx.detach_salient
         channels_last = channels_last_map(f)
-        # the gradient in the map's layout: NHWC for channels-last maps (returned as its NCHW permutation)
-        grad = torch.empty((b, h, w, c) if channels_last else (b, c, h, w), dtype=f.dtype, device=f.device)
-        if not full:
-            grad.zero_()
+        if ctx.slot is not None:
+            grad, fresh = ctx.slot[0].claim(ctx.slot[1])
+        else:
+            grad = torch.empty((b, h, w, c) if channels_last else (b, c, h, w), dtype=f.dtype, device=f.device)
+            if channels_last:
+                grad = grad.permute(0, 3, 1, 2)
+            fresh = True
+        if fresh and not (c == 2 * redundant.numel() and not ctx.detach_salient):
+            grad.zero_()  # channels that get no gradient: the odd one out, or the detached salient half
+        gview = grad.permute(0, 2, 3, 1) if channels_last else grad  # indexed like _pair_difference's result
         for chunk in _batch_chunks(f, redundant.numel()):
             d = _pair_difference(f[chunk], salient, redundant).mul_(scale)
-            g = grad[chunk]
+            g = gview[chunk]
             if channels_last:
-                g.scatter_(-1, redundant.expand(d.shape), d)
-                if not ctx.detach_salient:
-                    g.scatter_(-1, salient.expand(d.shape), d.neg_())
-            else:
+                if fresh:
+                    g.scatter_(-1, redundant.expand(d.shape), d)
+                    if not ctx.detach_salient:
+                        g.scatter_(-1, salient.expand(d.shape), d.neg_())
+                else:
+                    g.scatter_add_(-1, redundant.expand(d.shape), d)
+                    if not ctx.detach_salient:
+                        g.scatter_add_(-1, salient.expand(d.shape), d.neg_())
+            elif fresh:
                 g[:, redundant] = d
                 if not ctx.detach_salient:
                     g[:, salient] = d.neg_()
-        return (grad.permute(0, 3, 1, 2) if channels_last else grad), None, None, None
+            else:
+                g.index_add_(1, redundant, d)
+                if not ctx.detach_salient:
+                    g.index_add_(1, salient, d, alpha=-1)
+        return (None if ctx.slot is not None else grad), None, None, None
 
 
 def paired_channel_mse(

@@ -30,7 +30,7 @@ def channels_last_map(f: torch.Tensor) -> bool:
 
 def _spatial_l2(f: torch.Tensor) -> torch.Tensor:
     """``||f[b, c]||_2`` over H, W. On channels-last maps (the token views of ViT-family models) ``vector_norm``
-    reduces over strided dims about 7x slower than squaring and summing, so that form is used there (not in
+    reduces over strided dims several times slower than squaring and summing, so that form is used there (not in
     float16, where the squares could overflow)."""
     if channels_last_map(f) and f.dtype != torch.float16:
         return f.square().sum((2, 3)).sqrt_()

@@ -1,0 +1,107 @@
+"""Time of the Tf-FD terms alone (forward + backward), on the feature maps a timm model taps, CPU.
+
+The maps are leaves with the shapes and memory layouts of the model's own taps (a ResNet's NCHW stage outputs, a
+ViT's channels-last token views). Each configuration's backward also carries a stand-in for the network's own gradient
+(``sum(f * r)``, a full-size gradient per map), so the time includes adding the terms' gradients to it, as in a
+training step. Configurations run interleaved round after round; the table gives median milliseconds and the median
+per-round ratio against the first configuration.
+
+* ``network``: the stand-in gradient alone (what any training step pays anyway);
+* ``inter+intra``: plus the default inter and intra terms, each returning its own gradients (plain autograd sums);
+* ``inter+intra-shared``: the same terms through ``sink_features`` (one buffer per map; what ``wrap()`` does).
+
+    python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
+    python benchmarks/terms.py --models resnet18 --rounds 5
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import timm
+
+import timm_tffd
+from timm_tffd.losses.sink import sink_features
+
+DEFAULT_MODELS = ('resnet50', 'vit_small_patch16_224')
+CONFIGS = ('network', 'inter+intra', 'inter+intra-shared')
+
+
+def tapped_maps(model_name: str, batch_size: int, img_size: int) -> List[torch.Tensor]:
+    """Random leaves shaped and laid out like the maps ``wrap(model)`` taps (values: ReLU'd Gaussians)."""
+    model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
+                           else timm.create_model(model_name), 'intra')
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, img_size, img_size))  # 2: BatchNorm needs more than one value per channel
+    feats = timm_tffd.get_tffd_state(model).take().features
+    g = torch.Generator().manual_seed(0)
+    leaves = []
+    for f in feats:
+        shape = (batch_size,) + tuple(f.shape[1:])
+        if f.stride(1) == 1:  # token view: channels-last memory
+            leaf = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        else:
+            leaf = torch.randn(shape, generator=g)
+        leaves.append(leaf.relu_().requires_grad_())
+    return leaves
+
+
+def make_step(config: str, leaves: List[torch.Tensor]) -> Callable[[], tuple]:
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(f.shape, generator=g) for f in leaves]
+    upstream = [r.contiguous(memory_format=torch.channels_last) if f.stride(1) == 1 else r  # the leaf's layout
+                for r, f in zip(upstream, leaves)]
+
+    def step():
+        maps = [f.view_as(f) for f in leaves]  # a node between leaves and terms, as a network's layers are
+        loss = sum((m * r).sum() for m, r in zip(maps, upstream))
+        if config != 'network':
+            shared = sink_features(maps) if config.endswith('-shared') else maps
+            loss = loss + 0.005 * timm_tffd.inter_layer_loss(shared) + 0.0004 * timm_tffd.intra_layer_loss(shared)
+        return torch.autograd.grad(loss, leaves)
+    return step
+
+
+def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
+    leaves = tapped_maps(model_name, args.batch_size, args.img_size)
+    steps = {c: make_step(c, leaves) for c in args.configs}
+    times: Dict[str, List[float]] = {c: [] for c in args.configs}
+    for r in range(args.warmup + args.rounds):
+        order = list(args.configs) if r % 2 == 0 else list(reversed(args.configs))
+        for c in order:
+            t0 = time.perf_counter()
+            steps[c]()
+            if r >= args.warmup:
+                times[c].append(time.perf_counter() - t0)
+    base = args.configs[0]
+    return {c: {'ms': 1000 * statistics.median(times[c]),
+                'ratio': statistics.median(t / b for t, b in zip(times[c], times[base]))} for c in args.configs}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
+    parser.add_argument('--configs', default=','.join(CONFIGS), help=f'from {", ".join(CONFIGS)}')
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=11)
+    parser.add_argument('--warmup', type=int, default=2)
+    args = parser.parse_args()
+    args.configs = args.configs.split(',')
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, '
+          f'{args.img_size} px, {args.rounds} rounds')
+    print(f'| model | {" | ".join(args.configs)} |')
+    print(f'|---|{"---|" * len(args.configs)}')
+    for name in args.models.split(','):
+        res = measure(name, args)
+        cells = [f'{res[c]["ms"]:.0f} ms ({res[c]["ratio"]:.2f}x)' for c in args.configs]
+        print(f'| {name} | {" | ".join(cells)} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()

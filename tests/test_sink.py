@@ -1,0 +1,123 @@
+"""The shared gradient buffer (timm_tffd.losses.sink) changes where gradients are summed, never what they are."""
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm_tffd
+from timm_tffd import TfFDLoss, inter_layer_loss, intra_layer_loss, wrap
+from timm_tffd.losses import sink as sink_module
+from timm_tffd.losses.sink import sink_features, sink_slot
+
+from test_losses import LAYOUTS, _as_layout
+from test_wrap import MODELS, _create
+
+
+def _leaves(shapes, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    leaves, maps = [], []
+    for f in base:
+        leaf = f.clone().requires_grad_()
+        leaves.append(leaf)
+        maps.append(_as_layout(leaf, layout))  # a differentiable view of the leaf in the wanted layout
+    return leaves, maps
+
+
+def _terms(maps, order, detach_salient):
+    """A weighted sum of Tf-FD terms plus a plain autograd term on the same maps, in the given order."""
+    terms = {
+        'inter': lambda: 0.7 * inter_layer_loss(maps),
+        'intra': lambda: 0.3 * intra_layer_loss(maps, detach_salient=detach_salient),
+        'plain': lambda: sum((m * m.detach().sin()).mean() for m in maps),  # autograd only, knows nothing of the sink
+    }
+    return sum(terms[name]() for name in order)
+
+
+SHAPES = {
+    'cnn': ((3, 4, 8, 8), (3, 7, 4, 4), (3, 8, 2, 2)),  # odd channel count: a channel left out of intra
+    'isotropic': ((3, 6, 4, 4),) * 4 + ((3, 5, 2, 2),),  # an equal-shape run (inter's O(L) path) and a rest pair
+}
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('shapes', list(SHAPES))
+@pytest.mark.parametrize('order', [('inter', 'intra', 'plain'), ('plain', 'intra', 'inter'), ('intra', 'inter')])
+@pytest.mark.parametrize('detach_salient', [False, True])
+def test_sink_gradients_equal_plain_autograd(layout, shapes, order, detach_salient):
+    leaves, maps = _leaves(SHAPES[shapes], layout)
+    expected = torch.autograd.grad(_terms(maps, order, detach_salient), leaves)
+
+    leaves, maps = _leaves(SHAPES[shapes], layout)
+    shared = sink_features(maps)
+    assert all(a is not m and sink_slot(a) is not None for a, m in zip(shared, maps))
+    got = torch.autograd.grad(_terms(shared, order, detach_salient), leaves)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_sink_buffers_keep_the_map_layout_and_are_released(layout, monkeypatch):
+    _, maps = _leaves(SHAPES['cnn'], layout)
+    shared = sink_features(maps)
+    sink = sink_slot(shared[0])[0]
+    seen = []
+    release = sink.release
+
+    def spy():
+        grads = release()
+        seen.extend(grads)
+        return grads
+    monkeypatch.setattr(sink, 'release', spy)
+    (inter_layer_loss(shared) + intra_layer_loss(shared)).backward()
+    assert [g is not None for g in seen] == [True, True, True]  # every map got its terms' gradient in one buffer
+    for g, m in zip(seen, maps):
+        assert g.shape == m.shape and (g.stride(1) == 1) == (layout != 'contiguous')
+    assert sink.grads == [None, None, None]
+
+
+def test_sink_survives_a_second_backward_with_retained_graph():
+    leaves, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    once = torch.autograd.grad(inter_layer_loss(maps) + intra_layer_loss(maps), leaves)
+    leaves, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    shared = sink_features(maps)
+    loss = inter_layer_loss(shared) + intra_layer_loss(shared)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for leaf, g in zip(leaves, once):
+        torch.testing.assert_close(leaf.grad, 2 * g, rtol=1e-12, atol=1e-14)
+
+
+def test_sink_is_skipped_without_gradients_and_under_compile(monkeypatch):
+    _, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    with torch.no_grad():
+        assert sink_features(maps) == maps
+    detached = [m.detach() for m in maps]
+    assert all(a is m for a, m in zip(sink_features(detached), detached))
+    monkeypatch.setattr(sink_module.torch.compiler, 'is_compiling', lambda: True)
+    assert all(a is m for a, m in zip(sink_features(maps), maps))
+
+
+@pytest.mark.parametrize('family, methods', [
+    ('resnet', 'inter,intra'), ('resnet', 'inter,intra,emd'), ('swin', 'inter,intra'),
+    ('vit', 'inter,intra'), ('vit', 'inter,intra,m2o,emd'),  # m2o: a ViT's blocks keep their width
+])
+def test_wrapped_model_gradients_unchanged_by_the_sink(family, methods, monkeypatch):
+    """Parameter gradients of a whole training step with the shared buffers equal those of plain autograd."""
+    def step(use_sink):
+        if not use_sink:
+            monkeypatch.setattr(sys.modules['timm_tffd.wrap'], 'sink_features', list)
+        model, x = _create(family)
+        model = wrap(model, methods)
+        criterion = TfFDLoss(nn.CrossEntropyLoss(), model, warmup_epochs=0)
+        model.train()
+        torch.manual_seed(3)
+        criterion(model(x), torch.arange(4) % 5).backward()
+        monkeypatch.undo()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    expected, got = step(False), step(True)
+    assert len(expected) == len(got) > 0
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
