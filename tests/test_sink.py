@@ -121,3 +121,90 @@ def test_wrapped_model_gradients_unchanged_by_the_sink(family, methods, monkeypa
     assert len(expected) == len(got) > 0
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+class _FailOnce(torch.autograd.Function):
+    """A consumer made before the terms: its backward runs after theirs and before the alias node's."""
+    failed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        if not _FailOnce.failed:
+            _FailOnce.failed = True
+            raise RuntimeError('interrupted backward')
+        return None
+
+
+def test_interrupted_backward_leaves_nothing_for_the_retry():
+    leaves, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    expected = torch.autograd.grad(inter_layer_loss(maps) + intra_layer_loss(maps), leaves)
+    leaves, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    shared = sink_features(maps)
+    _FailOnce.failed = False
+    loss = _FailOnce.apply(shared[1]) + inter_layer_loss(shared) + intra_layer_loss(shared)
+    with pytest.raises(RuntimeError, match='interrupted'):
+        loss.backward(retain_graph=True)
+    assert any(g is not None for g in sink_slot(shared[0])[0].grads)  # the terms had written their buffers
+    loss.backward()
+    for leaf, e in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, e, rtol=1e-12, atol=1e-14)
+
+
+def test_frozen_maps_are_not_aliased(monkeypatch):
+    leaves, maps = _leaves(SHAPES['cnn'], 'contiguous')
+    maps[0] = maps[0].detach()  # e.g. a frozen first stage
+    shared = sink_features(maps)
+    assert shared[0] is maps[0] and sink_slot(shared[0]) is None and sink_slot(shared[1]) is not None
+    claimed = []
+    claim = sink_module.GradSink.claim
+    monkeypatch.setattr(sink_module.GradSink, 'claim', lambda self, i: claimed.append(i) or claim(self, i))
+    expected = torch.autograd.grad(inter_layer_loss(maps) + intra_layer_loss(maps), leaves[1:])
+    got = torch.autograd.grad(inter_layer_loss(shared) + intra_layer_loss(shared), leaves[1:])
+    assert sorted(set(claimed)) == [0, 1]  # the sink's own indices: maps 1 and 2, never the frozen one
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+def test_compile_check_falls_back_to_dynamo_where_torch_compiler_lacks_it(monkeypatch):
+    import types
+    import torch._dynamo
+    old_compiler = types.SimpleNamespace()  # torch < 2.3: torch.compiler has no is_compiling
+    monkeypatch.setattr(torch._dynamo, 'is_compiling', lambda: True)
+    assert sink_module._is_compiling(old_compiler) is True
+    monkeypatch.setattr(torch._dynamo, 'is_compiling', lambda: False)
+    assert sink_module._is_compiling(old_compiler) is False
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_second_order_gradients_through_the_terms(layout):
+    """A gradient penalty on the Tf-FD terms: create_graph backward, then backward again. Reference: the same terms
+    written with plain autograd ops (pool by avg_pool2d, pairs by indexing)."""
+    import torch.nn.functional as F
+
+    def reference(maps):
+        f0, f1, f2 = maps
+        inter = (F.mse_loss(F.avg_pool2d(f0, 2), f1[:, :4].detach()) + F.mse_loss(F.avg_pool2d(f0, 4), f2[:, :4].detach())
+                 + F.mse_loss(F.avg_pool2d(f1, 2)[:, :7], f2[:, :7].detach())) / 3
+        intra = 0.
+        for f in maps:
+            with torch.no_grad():
+                order = timm_tffd.losses.saliency.norm_saliency(f).argsort(descending=True)
+            half = f.shape[1] // 2
+            intra = intra + F.mse_loss(f[:, order[half:2 * half]], f[:, order[:half]])
+        return inter + intra / 3
+
+    def penalty_grad(fn, use_sink):
+        leaves, maps = _leaves(SHAPES['cnn'], layout)
+        used = sink_features(maps) if use_sink else maps
+        grads = torch.autograd.grad(fn(used), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+
+    expected = penalty_grad(reference, False)
+    for use_sink in (False, True):
+        got = penalty_grad(lambda m: inter_layer_loss(m) + intra_layer_loss(m), use_sink)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

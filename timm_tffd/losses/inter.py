@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .saliency import channels_last_map
-from .sink import sink_slot
+from .sink import backward_slot as _backward_slot, sink_slot
 
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
            'run_pair_mse', 'PAIRS', 'DIRECTIONS']
@@ -87,13 +87,13 @@ class _AvgPool(torch.autograd.Function):
         return _avg_pool(x, kernel)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         kh, kw = ctx.kernel
         b, c, h, w = grad.shape
         src = (grad * (1. / (kh * kw)))[:, :, :, None, :, None]
-        if ctx.slot is not None:
-            sink, index = ctx.slot
+        slot = _backward_slot(ctx.slot)
+        if slot is not None:
+            sink, index = slot
             out, fresh = sink.claim(index)
         else:
             shape, dtype, device, channels_last = ctx.layout
@@ -107,7 +107,7 @@ class _AvgPool(torch.autograd.Function):
             blocks.copy_(src)
         else:
             blocks.add_(src)
-        return (None if ctx.slot is not None else out), None
+        return (None if slot is not None else out), None
 
 
 class _Pooler:
@@ -194,6 +194,7 @@ def _to_sinks(slots, grads) -> Tuple:
     """Hand the gradients of maps that come from ``sink_features`` to their sink; return the others."""
     out = []
     for slot, g in zip(slots, grads):
+        slot = _backward_slot(slot)
         if slot is not None and g is not None:
             slot[0].deposit(slot[1], g)
             g = None
@@ -218,7 +219,6 @@ class _RunMSE(torch.autograd.Function):
         return pairs_sum / feats[0].numel()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         feats = ctx.saved_tensors
         n = len(feats)

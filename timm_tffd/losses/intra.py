@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .saliency import channels_last_map, get_saliency
-from .sink import sink_slot
+from .sink import backward_slot, sink_slot
 
 __all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse']
 
@@ -69,14 +69,14 @@ class _PairedChannelMSE(torch.autograd.Function):
         return total / (f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         f, salient, redundant = ctx.saved_tensors
         b, c, h, w = f.shape
         scale = 2 * grad_out / (b * redundant.numel() * h * w)
         channels_last = channels_last_map(f)
-        if ctx.slot is not None:
-            grad, fresh = ctx.slot[0].claim(ctx.slot[1])
+        slot = backward_slot(ctx.slot)
+        if slot is not None:
+            grad, fresh = slot[0].claim(slot[1])
         else:
             grad = torch.empty((b, h, w, c) if channels_last else (b, c, h, w), dtype=f.dtype, device=f.device)
             if channels_last:
@@ -105,7 +105,7 @@ class _PairedChannelMSE(torch.autograd.Function):
                 g.index_add_(1, redundant, d)
                 if not ctx.detach_salient:
                     g.index_add_(1, salient, d, alpha=-1)
-        return (None if ctx.slot is not None else grad), None, None, None
+        return (None if slot is not None else grad), None, None, None
 
 
 def paired_channel_mse(
