@@ -310,8 +310,9 @@ def main(argv=None):
     results['recipe'] = (
         f'{STUDENT} on {data}, {budget["train_samples"] or "all"} training images, {budget["epochs"]} epochs, '
         f'SGD lr {"per configuration" if args.stage == "lr" else args.lr} cosine, batch {args.batch_size}, wd 5e-4, '
-        f'no augmentation, seeds {seeds}; {args.jobs} run(s) at a time, {args.threads or "default"} thread(s) each; '
-        f'KD/SFD teacher {TEACHER} trained {budget["teacher_epochs"]} epochs in this run ({teacher_s:.0f} s). '
+        f'no augmentation, seeds {seeds}; {args.jobs} run(s) at a time, {args.threads or "default"} thread(s) each. '
+        + (f'KD/SFD teacher {TEACHER} trained {budget["teacher_epochs"]} epochs in this run ({teacher_s:.0f} s). '
+           if needs_teacher else '') +
         f'Command: python benchmarks/accuracy.py {" ".join(argv if argv is not None else sys.argv[1:])}')
     stem = 'accuracy' if args.stage == 'compare' else f'accuracy_{args.stage}'
     if args.mode != 'full':

@@ -89,6 +89,7 @@ def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
         results = json.load(f)
     assert list(results['configs']) == ['baseline', 'tffd-inter', 'kd']
     assert results['teacher_s'] > 0 and results['configs']['kd']['teacher_s'] == results['teacher_s']
+    assert f'teacher cifar_resnet20 trained 1 epochs in this run ({results["teacher_s"]:.0f} s)' in results['recipe']
     base = [float(list(csv.DictReader(open(os.path.join(d, 'summary.csv'))))[-1]['eval_top1'])
             for d in results['configs']['baseline']['runs']]
     for name, r in results['configs'].items():
