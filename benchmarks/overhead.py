@@ -6,7 +6,9 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   round (alternating their order), and the ratio is the median over rounds of each step's time divided by the baseline
   step's of the same round: the speed of a shared 2-core machine drifts by 10% between rounds, and a ratio within a
   round cancels that drift. The ratio's 95% interval is a bootstrap over the rounds (it does not cover drift between
-  days). The table also gives the median step time.
+  days). The table also gives the median step time. On a virtual machine the hypervisor can take CPU time from
+  the guest (steal time, ``/proc/stat``); the share it took while each model's rounds ran is printed after the
+  table (and stored in the JSON): where it is large, the intervals widen and the times are slower than the hardware.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
@@ -28,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -131,6 +133,22 @@ def measure_memory(model_name: str, config: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def steal_seconds() -> Optional[float]:
+    """CPU seconds the hypervisor has taken from this machine since boot, summed over its CPUs (``/proc/stat``);
+    None where the kernel does not report it."""
+    try:
+        with open('/proc/stat') as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf('SC_CLK_TCK') if fields[0] == 'cpu' and len(fields) > 8 else None
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(stolen: Optional[float], wall: float) -> Optional[float]:
+    """Share of the CPUs' time over ``wall`` seconds that was stolen."""
+    return None if stolen is None or wall <= 0 else stolen / (wall * (os.cpu_count() or 1))
+
+
 def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
     same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
@@ -140,12 +158,15 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
         for _ in range(args.warmup):
             s()
     times = {c: [] for c in configs}
+    steal0, wall0 = steal_seconds(), time.perf_counter()
     for r in range(args.rounds):
         for c in (configs if r % 2 == 0 else configs[::-1]):
             t0 = time.perf_counter()
             steps[c]()
             times[c].append(time.perf_counter() - t0)
-    out = {}
+    steal1 = steal_seconds()
+    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
+    out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}
     for c, v in times.items():
         ratios = [a / b for a, b in zip(v, times['baseline'])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
@@ -191,6 +212,7 @@ def main():
               '| memory ratio |')
     print(header + '\n|---|---|---:|---:|---:|---:|---:|---:|')
     teacher_step = {}
+    steal: Dict[str, Optional[float]] = {}
     models = args.models.split(',')
     if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
         models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
@@ -214,9 +236,13 @@ def main():
             lo, hi = row['time_ratio_ci95']
             print(f'| {model_name} | {c} | {row["time_ms"]:.0f} | {row["time_ratio"]:.3f} | [{lo:.3f}, {hi:.3f}] | '
                   f'{with_teacher} | {mem_cols} |', flush=True)
+        steal[model_name] = times['steal_share']
+    if any(v is not None for v in steal.values()):
+        print('\nCPU time taken by the hypervisor (steal) while the rounds ran: '
+              + ', '.join(f'{m} {100 * v:.1f}%' for m, v in steal.items() if v is not None))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'results': results}, f, indent=2)
+            json.dump({'args': vars(args), 'results': results, 'steal_share': steal}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -49,3 +49,18 @@ def test_median_interval():
     # more rounds of the same spread give a narrower interval
     lo_many, hi_many = overhead.median_interval(values * 8)
     assert hi_many - lo_many < hi - lo
+
+
+def test_steal_share_from_proc_stat(tmp_path, monkeypatch):
+    import builtins
+    stat = tmp_path / 'stat'
+    stat.write_text('cpu  100 0 50 900 0 0 0 250 0 0\ncpu0 50 0 25 450 0 0 0 125 0 0\n')
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, 'open', lambda path, *a, **k: real_open(stat if path == '/proc/stat' else path, *a, **k))
+    ticks = overhead.os.sysconf('SC_CLK_TCK')
+    assert overhead.steal_seconds() == 250 / ticks
+    monkeypatch.setattr(overhead.os, 'cpu_count', lambda: 2)
+    assert overhead.steal_share(0.5, 10.) == 0.5 / 20  # 0.5 CPU-seconds of 2 CPUs x 10 s
+    assert overhead.steal_share(None, 10.) is None
+    stat.write_text('intr 1 2 3\n')
+    assert overhead.steal_seconds() is None

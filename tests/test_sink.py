@@ -72,8 +72,13 @@ def test_sink_buffers_keep_the_map_layout_and_are_released(layout, monkeypatch):
     monkeypatch.setattr(sink, 'release', spy)
     (inter_layer_loss(shared) + intra_layer_loss(shared)).backward()
     assert [g is not None for g in seen] == [True, True, True]  # every map got its terms' gradient in one buffer
-    for g, m in zip(seen, maps):
-        assert g.shape == m.shape and (g.stride(1) == 1) == (layout != 'contiguous')
+    for (whole, view), m in zip(seen, maps):
+        assert view.shape == m.shape and view.stride() == m.stride()
+        if layout == 'token_view':  # the whole token tensor, class-token rows zero, the map a view of it
+            assert whole.shape == m._base.shape and view._base is whole and view.storage_offset() == m.shape[1]
+            assert (whole[:, 0] == 0).all()
+        else:
+            assert whole is view
     assert sink.grads == [None, None, None]
 
 
@@ -208,3 +213,42 @@ def test_second_order_gradients_through_the_terms(layout):
         got = penalty_grad(lambda m: inter_layer_loss(m) + intra_layer_loss(m), use_sink)
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_token_views_alias_the_token_tensor():
+    """A ViT's tapped map is a view of its block's tokens minus the class token: the alias takes the token tensor
+    itself, so the gradient reaches it without autograd's zero-filled copy of the view (no slice node)."""
+    leaves, maps = _leaves(SHAPES['cnn'], 'token_view')
+    tokens = [m._base for m in maps]
+    shared = sink_features(maps)
+    node = shared[0].grad_fn
+    assert [fn for fn, _ in node.next_functions] == [t.grad_fn for t in tokens]  # the CatBackward of each token tensor
+    for a, m in zip(shared, maps):
+        assert torch.equal(a, m) and a.stride() == m.stride() and a.storage_offset() == m.storage_offset()
+
+
+def test_token_base_only_for_a_whole_grid_without_prefix_tokens():
+    from timm_tffd.losses.sink import _token_base
+    tokens = torch.randn(2, 10, 6, requires_grad=True) * 1  # 1 prefix token and a 3 x 3 grid
+    grid = tokens[:, 1:].unflatten(1, (3, 3)).permute(0, 3, 1, 2)
+    assert _token_base(grid) == (tokens, 1)
+    assert _token_base(tokens[:, 2:6].unflatten(1, (2, 2)).permute(0, 3, 1, 2)) is None  # part of the grid
+    assert _token_base(tokens[:, 1:, :4].unflatten(1, (3, 3)).permute(0, 3, 1, 2)) is None  # part of the channels
+    assert _token_base(tokens[:, 1:].unflatten(1, (3, 3)).permute(0, 3, 2, 1)) is None  # transposed grid
+    no_prefix = torch.randn(2, 9, 6, requires_grad=True) * 1
+    assert _token_base(no_prefix.unflatten(1, (3, 3)).permute(0, 3, 1, 2)) is None  # nothing dropped: nothing to gain
+    strided = torch.randn(2, 6, 10, requires_grad=True).transpose(1, 2)  # a token tensor that is not contiguous
+    assert _token_base(strided[:, 1:].unflatten(1, (3, 3)).permute(0, 3, 1, 2)) is None
+    assert _token_base(grid.detach()) is None and _token_base(torch.randn(2, 6, 3, 3)) is None
+
+
+def test_token_view_reached_by_plain_autograd_only():
+    """No sink-aware term claims the buffer: the plain gradient is placed in a token tensor with zero class rows."""
+    def plain(maps):
+        return sum((m * m.detach().cos()).sum() for m in maps)
+    leaves, maps = _leaves(SHAPES['cnn'], 'token_view')
+    expected = torch.autograd.grad(plain(maps), leaves)
+    leaves, maps = _leaves(SHAPES['cnn'], 'token_view')
+    got = torch.autograd.grad(plain(sink_features(maps)), leaves)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

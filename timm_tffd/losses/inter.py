@@ -16,7 +16,7 @@ of a run, with m the mean of the run's maps,
 is the sum of its n_i targets: a suffix sum (top-down), a prefix sum (bottom-up) or the sum of all others
 (bidirectional). Both are computed with running sums; the result equals the pairwise form (tested against it).
 """
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -190,16 +190,18 @@ def _zeros(like: torch.Tensor) -> torch.Tensor:
                             memory_format=torch.preserve_format)
 
 
-def _to_sinks(slots, grads) -> Tuple:
-    """Hand the gradients of maps that come from ``sink_features`` to their sink; return the others."""
-    out = []
-    for slot, g in zip(slots, grads):
-        slot = _backward_slot(slot)
-        if slot is not None and g is not None:
-            slot[0].deposit(slot[1], g)
-            g = None
-        out.append(g)
-    return tuple(out)
+def _emit_grad(slot, f: torch.Tensor, neg_sum: torch.Tensor, coef: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient ``neg_sum + coef * f`` of map ``f``: written or added into the map's sink buffer when it comes from
+    ``sink_features`` (then None is returned), else returned in ``f``'s dtype."""
+    slot = _backward_slot(slot)
+    if slot is None:
+        return torch.addcmul(neg_sum, f, coef).to(f.dtype)
+    buf, fresh = slot[0].claim(slot[1])
+    if fresh:
+        torch.addcmul(neg_sum, f, coef, out=buf)
+    else:
+        buf.add_(neg_sum).addcmul_(f, coef)
+    return None
 
 
 class _RunMSE(torch.autograd.Function):
@@ -220,26 +222,29 @@ class _RunMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # student i with n_i targets summing to S_i: gradient s (n_i f_i - S_i), s = 2 grad / numel; the running sum
+        # is kept as -s S so that each gradient is one addcmul
         feats = ctx.saved_tensors
         n = len(feats)
         scale = grad * (2. / feats[0].numel())
         grads = [None] * n
+        neg_sum = _zeros(feats[0])
         if ctx.direction == 'bidirectional':
-            total = _zeros(feats[0])
             for f in feats:
-                total.add_(f)
+                neg_sum.sub_(f)
+            neg_sum.mul_(scale)
             for i, f in enumerate(feats):
                 if ctx.needs_input_grad[1 + i]:
-                    grads[i] = torch.add(total, f, alpha=-n).mul_(-scale).to(f.dtype)  # (n f_i - total)
-            return (None,) + _to_sinks(ctx.slots, grads)
+                    grads[i] = _emit_grad(ctx.slots[i], f, neg_sum, n * scale)
+            return (None,) + tuple(grads)
         order = range(n - 1, -1, -1) if ctx.direction == 'top-down' else range(n)
-        running = _zeros(feats[0])
+        neg_scale = -scale
         for count, i in enumerate(order):  # count = targets of student i seen so far (deeper / shallower maps)
             f = feats[i]
             if ctx.needs_input_grad[1 + i] and count:  # the deepest (top-down) map is only a target: no gradient
-                grads[i] = torch.add(running, f, alpha=-count).mul_(-scale).to(f.dtype)
-            running.add_(f)
-        return (None,) + _to_sinks(ctx.slots, grads)
+                grads[i] = _emit_grad(ctx.slots[i], f, neg_sum, count * scale)
+            neg_sum.addcmul_(f, neg_scale)
+        return (None,) + tuple(grads)
 
 
 def run_pair_mse(features: Sequence[torch.Tensor], direction: str = 'top-down') -> torch.Tensor:

@@ -18,27 +18,43 @@ SaliencyFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _pair_difference(f: torch.Tensor, salient: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor:
-    """``f[:, redundant] - f[:, salient]``, as NCHW, or as NHWC for a channels-last map (token views of ViT-family
-    models), where channels are gathered along the contiguous dim: ``gather`` there is several times faster than
-    indexing dim 1 of the strided view."""
-    if channels_last_map(f):
-        t = f.permute(0, 2, 3, 1)
-        shape = t.shape[:-1] + (redundant.numel(),)
-        return torch.gather(t, -1, redundant.expand(shape)).sub_(torch.gather(t, -1, salient.expand(shape)))
+    """``f[:, redundant] - f[:, salient]`` of an NCHW map that is not channels last (see ``_partner_difference``)."""
     if f.is_contiguous():  # whole H x W planes: index_select copies them faster than advanced indexing
         return f.index_select(1, redundant).sub_(f.index_select(1, salient))
     # other strided maps: advanced indexing, not index_select, which would first make the map contiguous
     return f[:, redundant].sub_(f[:, salient])
 
 
-# Temporaries (the two gathered halves and their difference) are made a few batch samples at a time, at most this
+def _partner_index(c: int, salient: torch.Tensor, redundant: torch.Tensor, both: bool = True) -> torch.Tensor:
+    """``partner[i]``: the channel paired with channel ``i``; ``i`` itself for a channel left out (odd C), and, with
+    ``both=False``, for the salient ones."""
+    partner = torch.arange(c, device=salient.device)
+    partner[redundant] = salient
+    if both:
+        partner[salient] = redundant
+    return partner
+
+
+def _partner_difference(t: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """``t[..., partner] - t`` of a channels-last (NHWC) tensor.
+
+    Token views of ViT-family models keep channels along the contiguous dim, where a gather costs several times a
+    copy. Gathering all channels in partner order once, instead of the two halves, gives a difference with the map's
+    own channel order: its square sums to twice the pairs' sum, and it is (up to sign and scale) the gradient of every
+    channel at once, which backward then writes or adds without a scatter. A channel that is its own partner (left
+    out, or detached) gets zeros."""
+    return torch.gather(t, -1, partner.expand(t.shape)).sub_(t)
+
+
+# Temporaries (the gathered channels and their difference) are made a few batch samples at a time, at most this
 # many elements: small buffers that the allocator hands out again, not a fresh half-map per call. On CPU a large
 # fresh buffer costs a page fault per 4 KiB on first touch, and on a ResNet-50 the first stage's halves are 26 MB.
 _CHUNK_NUMEL = 1 << 20
 
 
-def _batch_chunks(f: torch.Tensor, half: int) -> List[slice]:
-    per_sample = max(1, half * f.shape[2] * f.shape[3])
+def _batch_chunks(f: torch.Tensor, channels: int) -> List[slice]:
+    """Batch slices whose temporaries of ``channels`` gathered channels hold at most ``_CHUNK_NUMEL`` elements."""
+    per_sample = max(1, channels * f.shape[2] * f.shape[3])
     step = max(1, _CHUNK_NUMEL // per_sample)
     return [slice(i, i + step) for i in range(0, f.shape[0], step)]
 
@@ -48,7 +64,8 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     Autograd through the indexing would zero a full-size gradient and scatter-add into it; here the gradient is
     written directly: ``+d`` into the redundant channels, ``-d`` into the salient ones (nothing with
-    ``detach_salient``), zeros only where a channel is left out or detached. When ``f`` comes from ``sink_features``
+    ``detach_salient``), zeros only where a channel is left out or detached. Channels-last maps (token views) compute
+    all of it in the map's own channel order from one gather (``_partner_difference``). When ``f`` comes from ``sink_features``
     the gradient goes into the map's shared buffer instead (written if no other term has touched it yet, else added).
     Only ``f`` is saved (autograd keeps the stage output anyway); the difference is recomputed in backward, chunk by
     chunk, instead of being held until then. The gradient has the map's own layout (channels last for token views),
@@ -57,20 +74,31 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, salient, redundant, detach_salient: bool):
-        ctx.save_for_backward(f, salient, redundant)
         ctx.detach_salient = detach_salient
         ctx.slot = sink_slot(f)
         total = f.new_zeros((), dtype=torch.promote_types(f.dtype, torch.float32))
-        for chunk in _batch_chunks(f, redundant.numel()):
-            d = _pair_difference(f[chunk], salient, redundant)
-            if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
-                d = d.float()
-            total += d.square_().sum(dtype=total.dtype)
+        if channels_last_map(f):
+            partner = _partner_index(f.shape[1], salient, redundant)
+            ctx.save_for_backward(f, salient, redundant, partner)
+            t = f.permute(0, 2, 3, 1)
+            for chunk in _batch_chunks(f, f.shape[1]):
+                d = _partner_difference(t[chunk], partner)
+                if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
+                    d = d.float()
+                total += d.square_().sum(dtype=total.dtype)
+            total = total / 2  # every pair appears twice, once from each side
+        else:
+            ctx.save_for_backward(f, salient, redundant)
+            for chunk in _batch_chunks(f, redundant.numel()):
+                d = _pair_difference(f[chunk], salient, redundant)
+                if d.dtype == torch.float16:
+                    d = d.float()
+                total += d.square_().sum(dtype=total.dtype)
         return total / (f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
 
     @staticmethod
     def backward(ctx, grad_out):
-        f, salient, redundant = ctx.saved_tensors
+        f, salient, redundant = ctx.saved_tensors[:3]
         b, c, h, w = f.shape
         scale = 2 * grad_out / (b * redundant.numel() * h * w)
         channels_last = channels_last_map(f)
@@ -82,22 +110,26 @@ class _PairedChannelMSE(torch.autograd.Function):
             if channels_last:
                 grad = grad.permute(0, 3, 1, 2)
             fresh = True
+        if channels_last:
+            # every channel's gradient is scale * (f - f[partner]): zero for a channel that is its own partner
+            partner = ctx.saved_tensors[3]
+            if ctx.detach_salient:
+                partner = _partner_index(c, salient, redundant, both=False)
+            t, g = f.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1)
+            neg_scale = -scale
+            for chunk in _batch_chunks(f, c):
+                d = _partner_difference(t[chunk], partner)  # f[partner] - f
+                if fresh:
+                    g[chunk].copy_(d.mul_(neg_scale))
+                else:
+                    g[chunk].addcmul_(d, neg_scale)
+            return (None if slot is not None else grad), None, None, None
         if fresh and not (c == 2 * redundant.numel() and not ctx.detach_salient):
             grad.zero_()  # channels that get no gradient: the odd one out, or the detached salient half
-        gview = grad.permute(0, 2, 3, 1) if channels_last else grad  # indexed like _pair_difference's result
         for chunk in _batch_chunks(f, redundant.numel()):
             d = _pair_difference(f[chunk], salient, redundant).mul_(scale)
-            g = gview[chunk]
-            if channels_last:
-                if fresh:
-                    g.scatter_(-1, redundant.expand(d.shape), d)
-                    if not ctx.detach_salient:
-                        g.scatter_(-1, salient.expand(d.shape), d.neg_())
-                else:
-                    g.scatter_add_(-1, redundant.expand(d.shape), d)
-                    if not ctx.detach_salient:
-                        g.scatter_add_(-1, salient.expand(d.shape), d.neg_())
-            elif fresh:
+            g = grad[chunk]
+            if fresh:
                 g[:, redundant] = d
                 if not ctx.detach_salient:
                     g[:, salient] = d.neg_()
