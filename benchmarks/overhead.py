@@ -206,7 +206,7 @@ def main():
     if 'baseline' not in configs:
         configs.insert(0, 'baseline')
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds')
+          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds\n')
     results = []
     header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
               '| memory ratio |')

@@ -1,10 +1,11 @@
 """Time of the Tf-FD terms alone (forward + backward), on the feature maps a timm model taps, CPU.
 
-The maps are leaves with the shapes and memory layouts of the model's own taps (a ResNet's NCHW stage outputs, a
-ViT's channels-last token views). Each configuration's backward also carries a stand-in for the network's own gradient
-(``sum(f * r)``, a full-size gradient per map), so the time includes adding the terms' gradients to it, as in a
-training step. Configurations run interleaved round after round; the table gives median milliseconds and the median
-per-round ratio against the first configuration.
+The maps have the shapes and memory layouts of the model's own taps: a ResNet's NCHW stage outputs, a ViT's
+channels-last NCHW views of its blocks' token tensors without the class token (see ``Tapped``). Each configuration's
+backward also carries a stand-in for the network's own gradient into the tapped tensors (``sum(t * r)``, a full-size
+gradient per tensor), so the time includes adding the terms' gradients to it, as in a training step. Configurations
+run interleaved round after round; the table gives median milliseconds and the median per-round ratio against the
+first configuration.
 
 * ``network``: the stand-in gradient alone (what any training step pays anyway);
 * ``inter+intra``: plus the default inter and intra terms, each returning its own gradients (plain autograd sums);
@@ -28,36 +29,49 @@ DEFAULT_MODELS = ('resnet50', 'vit_small_patch16_224')
 CONFIGS = ('network', 'inter+intra', 'inter+intra-shared')
 
 
-def tapped_maps(model_name: str, batch_size: int, img_size: int) -> List[torch.Tensor]:
-    """Random leaves shaped and laid out like the maps ``wrap(model)`` taps (values: ReLU'd Gaussians)."""
-    model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
-                           else timm.create_model(model_name), 'intra')
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(2, 3, img_size, img_size))  # 2: BatchNorm needs more than one value per channel
-    feats = timm_tffd.get_tffd_state(model).take().features
-    g = torch.Generator().manual_seed(0)
-    leaves = []
-    for f in feats:
-        shape = (batch_size,) + tuple(f.shape[1:])
-        if f.stride(1) == 1:  # token view: channels-last memory
-            leaf = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
-        else:
-            leaf = torch.randn(shape, generator=g)
-        leaves.append(leaf.relu_().requires_grad_())
-    return leaves
+class Tapped:
+    """Random leaves standing for the tensors a model's taps come from, and the maps ``wrap(model)`` would see.
+
+    A ResNet's leaf is its NCHW stage output and the map is the leaf. A ViT's leaf is a block's token tensor, class
+    token included, and the map is the NCHW view of its patch tokens (channels-last memory), as ``FeatureTaps``
+    makes it. Values: ReLU'd Gaussians."""
+
+    def __init__(self, model_name: str, batch_size: int, img_size: int):
+        model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
+                               else timm.create_model(model_name), 'intra')
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(2, 3, img_size, img_size))  # 2: BatchNorm needs more than one value per channel
+        feats = timm_tffd.get_tffd_state(model).take().features
+        g = torch.Generator().manual_seed(0)
+        self.leaves, self.prefix = [], []
+        for f in feats:
+            if f._base is not None and f.stride(1) == 1:  # a token view: its token tensor, prefix tokens in front
+                tokens = f._base
+                self.prefix.append(tokens.shape[1] - f.shape[2] * f.shape[3])
+                shape = (batch_size,) + tuple(tokens.shape[1:])
+            else:
+                self.prefix.append(None)
+                shape = (batch_size,) + tuple(f.shape[1:])
+            self.leaves.append(torch.randn(shape, generator=g).relu_().requires_grad_())
+        self.grid = [tuple(f.shape[2:]) for f in feats]
+
+    def maps(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The maps of ``tensors`` (the leaves, or nodes made from them)."""
+        return [t if k is None else t[:, k:].unflatten(1, hw).permute(0, 3, 1, 2)
+                for t, k, hw in zip(tensors, self.prefix, self.grid)]
 
 
-def make_step(config: str, leaves: List[torch.Tensor]) -> Callable[[], tuple]:
+def make_step(config: str, tapped: Tapped) -> Callable[[], tuple]:
+    leaves = tapped.leaves
     g = torch.Generator().manual_seed(1)
     upstream = [torch.randn(f.shape, generator=g) for f in leaves]
-    upstream = [r.contiguous(memory_format=torch.channels_last) if f.stride(1) == 1 else r  # the leaf's layout
-                for r, f in zip(upstream, leaves)]
 
     def step():
-        maps = [f.view_as(f) for f in leaves]  # a node between leaves and terms, as a network's layers are
-        loss = sum((m * r).sum() for m, r in zip(maps, upstream))
+        nodes = [f.view_as(f) for f in leaves]  # a node between leaves and terms, as a network's layers are
+        loss = sum((m * r).sum() for m, r in zip(nodes, upstream))  # the network's own gradient into the taps
         if config != 'network':
+            maps = tapped.maps(nodes)
             shared = sink_features(maps) if config.endswith('-shared') else maps
             loss = loss + 0.005 * timm_tffd.inter_layer_loss(shared) + 0.0004 * timm_tffd.intra_layer_loss(shared)
         return torch.autograd.grad(loss, leaves)
@@ -65,8 +79,8 @@ def make_step(config: str, leaves: List[torch.Tensor]) -> Callable[[], tuple]:
 
 
 def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
-    leaves = tapped_maps(model_name, args.batch_size, args.img_size)
-    steps = {c: make_step(c, leaves) for c in args.configs}
+    tapped = Tapped(model_name, args.batch_size, args.img_size)
+    steps = {c: make_step(c, tapped) for c in args.configs}
     times: Dict[str, List[float]] = {c: [] for c in args.configs}
     for r in range(args.warmup + args.rounds):
         order = list(args.configs) if r % 2 == 0 else list(reversed(args.configs))

@@ -30,11 +30,21 @@ def test_overhead_step_runs(config):
 
 @pytest.mark.parametrize('model', ['test_resnet', 'test_vit'])
 def test_terms_benchmark_maps_and_configurations(model):
-    leaves = terms.tapped_maps(model, batch_size=2, img_size=64)  # no 1x1 maps (those are both layouts at once)
-    taps = timm_tffd.resolve_stages(timm.create_model(model, **({'img_size': 64} if 'vit' in model else {})))
+    tapped = terms.Tapped(model, batch_size=2, img_size=64)  # no 1x1 maps (those are both layouts at once)
+    net = timm.create_model(model, **({'img_size': 64} if 'vit' in model else {}))
+    taps = timm_tffd.resolve_stages(net)
+    leaves = tapped.leaves
     assert len(leaves) == len(taps) and all(f.shape[0] == 2 and f.requires_grad for f in leaves)
-    assert all((f.stride(1) == 1) == (model == 'test_vit') for f in leaves)  # token views are channels last
-    grads = {c: terms.make_step(c, leaves)() for c in terms.CONFIGS}
+    maps = tapped.maps(leaves)
+    assert all((f.stride(1) == 1) == (model == 'test_vit') for f in maps)  # token views are channels last
+    if model == 'test_vit':  # each leaf is a token tensor with the class token, each map the view of its grid
+        assert all(f.shape[1] == 1 + m.shape[2] * m.shape[3] and m._base is f for f, m in zip(leaves, maps))
+        with torch.no_grad():
+            _, real = net.forward_intermediates(torch.randn(2, 3, 64, 64), indices=taps)
+        assert [m.shape for m in maps] == [r.shape for r in real]
+    else:
+        assert all(m is f for f, m in zip(leaves, maps))
+    grads = {c: terms.make_step(c, tapped)() for c in terms.CONFIGS}
     for plain, shared in zip(grads['inter+intra'], grads['inter+intra-shared']):
         torch.testing.assert_close(shared, plain)
     assert any(not torch.allclose(a, b) for a, b in zip(grads['network'], grads['inter+intra']))

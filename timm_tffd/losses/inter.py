@@ -58,6 +58,9 @@ def inter_layer_pairs(num_stages: int, pairs: str = 'all', direction: str = 'top
     return out
 
 
+_CHUNK_NUMEL = 1 << 20  # elements per temporary in _AvgPool's backward
+
+
 def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
     """Average pooling with kernel = stride. Kernels of up to 4 elements (the 2x2 between the stages of a CNN, which
     ``_Pooler`` composes into larger ratios) sum strided views: no temporary as large as ``x`` (oneDNN's depthwise
@@ -77,7 +80,7 @@ def _avg_pool(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
 class _AvgPool(torch.autograd.Function):
     """``_avg_pool`` whose backward is one broadcast copy into the gradient (faster than both ``avg_pool2d``'s and the
     convolution's backward on CPU), or a broadcast add into the map's shared buffer when ``x`` comes from
-    ``sink_features``."""
+    ``sink_features``; on contiguous maps the broadcast runs along whole rows."""
 
     @staticmethod
     def forward(ctx, x, kernel: Tuple[int, int]):
@@ -102,11 +105,25 @@ class _AvgPool(torch.autograd.Function):
             else:
                 out = torch.empty(shape, dtype=dtype, device=device)
             fresh = True
-        blocks = out.unflatten(3, (w, kw)).unflatten(2, (h, kh))  # (b, c, h, kh, w, kw), a view of out
-        if fresh:
-            blocks.copy_(src)
+        if out.is_contiguous():
+            # each value repeated kw times along a row, then written to the kh rows of its block: the inner loop runs
+            # along whole contiguous rows (a broadcast over the 6-d block view has an inner loop of kw elements and is
+            # about twice slower). The repeated rows are made a few samples at a time (small reused temporaries).
+            rows = out.unflatten(2, (h, kh))  # (b, c, h, kh, W)
+            step = max(1, _CHUNK_NUMEL // (c * h * w * kw))
+            for i in range(0, b, step):
+                part = src[i:i + step, :, :, 0]  # (n, c, h, w, 1)
+                wide = part.expand(part.shape[:-1] + (kw,)).flatten(3)[:, :, :, None, :]  # (n, c, h, 1, W)
+                if fresh:
+                    rows[i:i + step].copy_(wide)
+                else:
+                    rows[i:i + step].add_(wide)
         else:
-            blocks.add_(src)
+            blocks = out.unflatten(3, (w, kw)).unflatten(2, (h, kh))  # (b, c, h, kh, w, kw), a view of out
+            if fresh:
+                blocks.copy_(src)
+            else:
+                blocks.add_(src)
         return (None if slot is not None else out), None
 
 

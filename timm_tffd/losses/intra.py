@@ -35,15 +35,21 @@ def _partner_index(c: int, salient: torch.Tensor, redundant: torch.Tensor, both:
     return partner
 
 
-def _partner_difference(t: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """``t[..., partner] - t`` of a channels-last (NHWC) tensor.
+def _partner_difference(f: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """``f[:, partner] - f``, in ``f``'s memory layout.
 
-    Token views of ViT-family models keep channels along the contiguous dim, where a gather costs several times a
-    copy. Gathering all channels in partner order once, instead of the two halves, gives a difference with the map's
-    own channel order: its square sums to twice the pairs' sum, and it is (up to sign and scale) the gradient of every
-    channel at once, which backward then writes or adds without a scatter. A channel that is its own partner (left
-    out, or detached) gets zeros."""
-    return torch.gather(t, -1, partner.expand(t.shape)).sub_(t)
+    Gathering all channels in partner order once, instead of the two halves, gives a difference in the map's own
+    channel order: its square sums to twice the pairs' sum, and it is (up to sign and scale) the gradient of every
+    channel at once, which backward writes or adds with one elementwise op instead of indexed writes (``index_put``
+    and ``index_add_`` on channel planes, or scatters along the channel dim, are several times slower). A channel that
+    is its own partner (left out, or detached) gets zeros. On channels-last maps (token views of ViT-family models)
+    the gather runs along the contiguous channel dim."""
+    if channels_last_map(f):
+        t = f.permute(0, 2, 3, 1)
+        return torch.gather(t, -1, partner.expand(t.shape)).sub_(t).permute(0, 3, 1, 2)
+    if f.is_contiguous():
+        return f.index_select(1, partner).sub_(f)
+    return f[:, partner].sub_(f)
 
 
 # Temporaries (the gathered channels and their difference) are made a few batch samples at a time, at most this
@@ -62,10 +68,11 @@ def _batch_chunks(f: torch.Tensor, channels: int) -> List[slice]:
 class _PairedChannelMSE(torch.autograd.Function):
     """``mse(f[:, redundant], f[:, salient])`` with a one-pass backward.
 
-    Autograd through the indexing would zero a full-size gradient and scatter-add into it; here the gradient is
-    written directly: ``+d`` into the redundant channels, ``-d`` into the salient ones (nothing with
-    ``detach_salient``), zeros only where a channel is left out or detached. Channels-last maps (token views) compute
-    all of it in the map's own channel order from one gather (``_partner_difference``). When ``f`` comes from ``sink_features``
+    Autograd through the indexing would zero a full-size gradient and scatter-add into it; here the gradient of
+    every channel, ``+d`` for the redundant ones, ``-d`` for the salient ones (zero with ``detach_salient``, and for a
+    channel left out), comes in the map's own channel order from one gather (``_partner_difference``) and is written
+    with one elementwise op per chunk. The forward value gathers the two halves (half the elements), except on
+    channels-last maps, where the gather along the channel dim is the cost and one full gather is cheaper than two. When ``f`` comes from ``sink_features``
     the gradient goes into the map's shared buffer instead (written if no other term has touched it yet, else added).
     Only ``f`` is saved (autograd keeps the stage output anyway); the difference is recomputed in backward, chunk by
     chunk, instead of being held until then. The gradient has the map's own layout (channels last for token views),
@@ -74,21 +81,19 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, salient, redundant, detach_salient: bool):
+        ctx.save_for_backward(f, salient, redundant)
         ctx.detach_salient = detach_salient
         ctx.slot = sink_slot(f)
         total = f.new_zeros((), dtype=torch.promote_types(f.dtype, torch.float32))
         if channels_last_map(f):
             partner = _partner_index(f.shape[1], salient, redundant)
-            ctx.save_for_backward(f, salient, redundant, partner)
-            t = f.permute(0, 2, 3, 1)
             for chunk in _batch_chunks(f, f.shape[1]):
-                d = _partner_difference(t[chunk], partner)
+                d = _partner_difference(f[chunk], partner)
                 if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
                     d = d.float()
                 total += d.square_().sum(dtype=total.dtype)
             total = total / 2  # every pair appears twice, once from each side
         else:
-            ctx.save_for_backward(f, salient, redundant)
             for chunk in _batch_chunks(f, redundant.numel()):
                 d = _pair_difference(f[chunk], salient, redundant)
                 if d.dtype == torch.float16:
@@ -98,45 +103,27 @@ class _PairedChannelMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        f, salient, redundant = ctx.saved_tensors[:3]
+        f, salient, redundant = ctx.saved_tensors
         b, c, h, w = f.shape
         scale = 2 * grad_out / (b * redundant.numel() * h * w)
-        channels_last = channels_last_map(f)
         slot = backward_slot(ctx.slot)
         if slot is not None:
             grad, fresh = slot[0].claim(slot[1])
         else:
-            grad = torch.empty((b, h, w, c) if channels_last else (b, c, h, w), dtype=f.dtype, device=f.device)
-            if channels_last:
-                grad = grad.permute(0, 3, 1, 2)
-            fresh = True
-        if channels_last:
-            # every channel's gradient is scale * (f - f[partner]): zero for a channel that is its own partner
-            partner = ctx.saved_tensors[3]
-            if ctx.detach_salient:
-                partner = _partner_index(c, salient, redundant, both=False)
-            t, g = f.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1)
-            neg_scale = -scale
-            for chunk in _batch_chunks(f, c):
-                d = _partner_difference(t[chunk], partner)  # f[partner] - f
-                if fresh:
-                    g[chunk].copy_(d.mul_(neg_scale))
-                else:
-                    g[chunk].addcmul_(d, neg_scale)
-            return (None if slot is not None else grad), None, None, None
-        if fresh and not (c == 2 * redundant.numel() and not ctx.detach_salient):
-            grad.zero_()  # channels that get no gradient: the odd one out, or the detached salient half
-        for chunk in _batch_chunks(f, redundant.numel()):
-            d = _pair_difference(f[chunk], salient, redundant).mul_(scale)
-            g = grad[chunk]
-            if fresh:
-                g[:, redundant] = d
-                if not ctx.detach_salient:
-                    g[:, salient] = d.neg_()
+            if channels_last_map(f):
+                grad = torch.empty((b, h, w, c), dtype=f.dtype, device=f.device).permute(0, 3, 1, 2)
             else:
-                g.index_add_(1, redundant, d)
-                if not ctx.detach_salient:
-                    g.index_add_(1, salient, d, alpha=-1)
+                grad = torch.empty((b, c, h, w), dtype=f.dtype, device=f.device)
+            fresh = True
+        # every channel's gradient is scale * (f - f[:, partner]): zero for a channel that is its own partner
+        partner = _partner_index(c, salient, redundant, both=not ctx.detach_salient)
+        neg_scale = -scale
+        for chunk in _batch_chunks(f, c):
+            d = _partner_difference(f[chunk], partner)  # f[:, partner] - f
+            if fresh:
+                grad[chunk].copy_(d.mul_(neg_scale))
+            else:
+                grad[chunk].addcmul_(d, neg_scale)
         return (None if slot is not None else grad), None, None, None
 
 
