@@ -66,7 +66,8 @@ def test_steal_share_from_proc_stat(tmp_path, monkeypatch):
     stat = tmp_path / 'stat'
     stat.write_text('cpu  100 0 50 900 0 0 0 250 0 0\ncpu0 50 0 25 450 0 0 0 125 0 0\n')
     real_open = builtins.open
-    monkeypatch.setattr(builtins, 'open', lambda path, *a, **k: real_open(stat if path == '/proc/stat' else path, *a, **k))
+    monkeypatch.setattr(builtins, 'open',
+                        lambda path, *a, **k: real_open(stat if path == '/proc/stat' else path, *a, **k))
     ticks = overhead.os.sysconf('SC_CLK_TCK')
     assert overhead.steal_seconds() == 250 / ticks
     monkeypatch.setattr(overhead.os, 'cpu_count', lambda: 2)

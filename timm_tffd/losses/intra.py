@@ -72,8 +72,9 @@ class _PairedChannelMSE(torch.autograd.Function):
     every channel, ``+d`` for the redundant ones, ``-d`` for the salient ones (zero with ``detach_salient``, and for a
     channel left out), comes in the map's own channel order from one gather (``_partner_difference``) and is written
     with one elementwise op per chunk. The forward value gathers the two halves (half the elements), except on
-    channels-last maps, where the gather along the channel dim is the cost and one full gather is cheaper than two. When ``f`` comes from ``sink_features``
-    the gradient goes into the map's shared buffer instead (written if no other term has touched it yet, else added).
+    channels-last maps, where the gather along the channel dim is the cost and one full gather is cheaper than two.
+    When ``f`` comes from ``sink_features`` the gradient goes into the map's shared buffer instead (written if no
+    other term has touched it yet, else added).
     Only ``f`` is saved (autograd keeps the stage output anyway); the difference is recomputed in backward, chunk by
     chunk, instead of being held until then. The gradient has the map's own layout (channels last for token views),
     so nothing is transposed after.
