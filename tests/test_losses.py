@@ -275,3 +275,26 @@ def test_intra_float16_maps_with_large_values_stay_finite(layout):
     got = intra_layer_loss([_as_layout(f, layout)])
     assert torch.isfinite(got) and got.item() == pytest.approx(expected, rel=1e-3)
     assert expected > 65504
+
+
+@pytest.mark.parametrize('use_sink', [False, True])
+def test_pooling_backward_in_batch_chunks_matches_avg_pool2d(use_sink, monkeypatch):
+    """Contiguous maps: the pooling backward writes (alone) or adds (after intra, into the shared buffer) its
+    gradient a few samples at a time; the result equals autograd through avg_pool2d."""
+    from timm_tffd.losses import inter
+    from timm_tffd.losses.sink import sink_features
+    monkeypatch.setattr(inter, '_CHUNK_NUMEL', 4 * 4 * 4 * 2)  # one sample per chunk: 5 chunks
+    g = torch.Generator().manual_seed(4)
+    leaves = [torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(5, 6, 4, 4, generator=g, dtype=torch.float64).requires_grad_()]
+
+    def loss(maps, reference):
+        pooled = F.avg_pool2d(maps[0], 2) if reference else None
+        inter_term = F.mse_loss(pooled, maps[1][:, :4].detach()) if reference else inter_layer_loss(maps)
+        return inter_term + 0.3 * intra_layer_loss(maps)
+
+    expected = torch.autograd.grad(loss(leaves, True), leaves)
+    maps = [m.view_as(m) for m in leaves]
+    got = torch.autograd.grad(loss(sink_features(maps) if use_sink else maps, False), leaves)
+    for e, r in zip(expected, got):
+        torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-14)
