@@ -22,7 +22,6 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
 """
 import argparse
-import copy
 import json
 import os
 import random

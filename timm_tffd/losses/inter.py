@@ -21,8 +21,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .saliency import channels_last_map
-from .sink import backward_slot as _backward_slot, sink_slot
+from .sink import GradLayout, backward_slot as _backward_slot, sink_slot
 
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
            'run_pair_mse', 'PAIRS', 'DIRECTIONS']
@@ -86,7 +85,7 @@ class _AvgPool(torch.autograd.Function):
     def forward(ctx, x, kernel: Tuple[int, int]):
         ctx.kernel = kernel
         ctx.slot = sink_slot(x)
-        ctx.layout = (tuple(x.shape), x.dtype, x.device, channels_last_map(x))
+        ctx.layout = GradLayout(x)
         return _avg_pool(x, kernel)
 
     @staticmethod
@@ -99,12 +98,8 @@ class _AvgPool(torch.autograd.Function):
             sink, index = slot
             out, fresh = sink.claim(index)
         else:
-            shape, dtype, device, channels_last = ctx.layout
-            if channels_last:
-                out = torch.empty((b, h * kh, w * kw, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
-            else:
-                out = torch.empty(shape, dtype=dtype, device=device)
-            fresh = True
+            out, fresh = ctx.layout.new()[1], True
+        write = torch.Tensor.copy_ if fresh else torch.Tensor.add_
         if out.is_contiguous():
             # each value repeated kw times along a row, then written to the kh rows of its block: the inner loop runs
             # along whole contiguous rows (a broadcast over the 6-d block view has an inner loop of kw elements and is
@@ -114,16 +109,9 @@ class _AvgPool(torch.autograd.Function):
             for i in range(0, b, step):
                 part = src[i:i + step, :, :, 0]  # (n, c, h, w, 1)
                 wide = part.expand(part.shape[:-1] + (kw,)).flatten(3)[:, :, :, None, :]  # (n, c, h, 1, W)
-                if fresh:
-                    rows[i:i + step].copy_(wide)
-                else:
-                    rows[i:i + step].add_(wide)
+                write(rows[i:i + step], wide)
         else:
-            blocks = out.unflatten(3, (w, kw)).unflatten(2, (h, kh))  # (b, c, h, kh, w, kw), a view of out
-            if fresh:
-                blocks.copy_(src)
-            else:
-                blocks.add_(src)
+            write(out.unflatten(3, (w, kw)).unflatten(2, (h, kh)), src)  # (b, c, h, kh, w, kw), a view of out
         return (None if slot is not None else out), None
 
 
@@ -245,17 +233,15 @@ class _RunMSE(torch.autograd.Function):
         n = len(feats)
         scale = grad * (2. / feats[0].numel())
         grads = [None] * n
-        neg_sum = _zeros(feats[0])
+        neg_sum, neg_scale = _zeros(feats[0]), -scale
         if ctx.direction == 'bidirectional':
             for f in feats:
-                neg_sum.sub_(f)
-            neg_sum.mul_(scale)
+                neg_sum.addcmul_(f, neg_scale)
             for i, f in enumerate(feats):
                 if ctx.needs_input_grad[1 + i]:
                     grads[i] = _emit_grad(ctx.slots[i], f, neg_sum, n * scale)
             return (None,) + tuple(grads)
         order = range(n - 1, -1, -1) if ctx.direction == 'top-down' else range(n)
-        neg_scale = -scale
         for count, i in enumerate(order):  # count = targets of student i seen so far (deeper / shallower maps)
             f = feats[i]
             if ctx.needs_input_grad[1 + i] and count:  # the deepest (top-down) map is only a target: no gradient

@@ -5,12 +5,12 @@ channel ranked k + C//2 and the loss is ``mse(f[:, top_half], f[:, bottom_half])
 channel is left out. The layer loss is the mean over stages. As in the reference code's final version, gradients reach
 both halves by default; ``detach_salient=True`` makes the salient half a fixed target (an earlier reference commit).
 """
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
 
 from .saliency import channels_last_map, get_saliency
-from .sink import backward_slot, sink_slot
+from .sink import GradLayout, backward_slot, sink_slot
 
 __all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse']
 
@@ -86,21 +86,18 @@ class _PairedChannelMSE(torch.autograd.Function):
         ctx.detach_salient = detach_salient
         ctx.slot = sink_slot(f)
         total = f.new_zeros((), dtype=torch.promote_types(f.dtype, torch.float32))
-        if channels_last_map(f):
-            partner = _partner_index(f.shape[1], salient, redundant)
-            for chunk in _batch_chunks(f, f.shape[1]):
-                d = _partner_difference(f[chunk], partner)
-                if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
-                    d = d.float()
-                total += d.square_().sum(dtype=total.dtype)
-            total = total / 2  # every pair appears twice, once from each side
+        if channels_last_map(f):  # every pair appears twice, once from each side
+            partner, counted = _partner_index(f.shape[1], salient, redundant), 2
+            chunks, difference = _batch_chunks(f, f.shape[1]), lambda x: _partner_difference(x, partner)
         else:
-            for chunk in _batch_chunks(f, redundant.numel()):
-                d = _pair_difference(f[chunk], salient, redundant)
-                if d.dtype == torch.float16:
-                    d = d.float()
-                total += d.square_().sum(dtype=total.dtype)
-        return total / (f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
+            chunks, counted = _batch_chunks(f, redundant.numel()), 1
+            difference = lambda x: _pair_difference(x, salient, redundant)  # noqa: E731
+        for chunk in chunks:
+            d = difference(f[chunk])
+            if d.dtype == torch.float16:  # timm's default AMP dtype: squares above 65504 would overflow
+                d = d.float()
+            total += d.square_().sum(dtype=total.dtype)
+        return total / (counted * f.shape[0] * redundant.numel() * f.shape[2] * f.shape[3])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -111,11 +108,7 @@ class _PairedChannelMSE(torch.autograd.Function):
         if slot is not None:
             grad, fresh = slot[0].claim(slot[1])
         else:
-            if channels_last_map(f):
-                grad = torch.empty((b, h, w, c), dtype=f.dtype, device=f.device).permute(0, 3, 1, 2)
-            else:
-                grad = torch.empty((b, c, h, w), dtype=f.dtype, device=f.device)
-            fresh = True
+            grad, fresh = GradLayout(f).new()[1], True
         # every channel's gradient is scale * (f - f[:, partner]): zero for a channel that is its own partner
         partner = _partner_index(c, salient, redundant, both=not ctx.detach_salient)
         neg_scale = -scale

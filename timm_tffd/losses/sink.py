@@ -27,7 +27,7 @@ import torch
 
 from .saliency import channels_last_map
 
-__all__ = ['GradSink', 'sink_features', 'sink_slot', 'backward_slot']
+__all__ = ['GradSink', 'GradLayout', 'sink_features', 'sink_slot', 'backward_slot']
 
 _ATTR = '_tffd_grad_sink'
 
@@ -62,7 +62,7 @@ def _token_base(m: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
     return base, k
 
 
-class _Layout:
+class GradLayout:
     """How to allocate a map's gradient buffer: the map's own shape and memory layout, or, for a token view
     (``_token_base``), the whole token tensor's, with the dropped prefix tokens' rows zeroed. The term Functions write
     into the map-shaped view; autograd receives the whole buffer."""
@@ -94,7 +94,7 @@ class GradSink:
     over a retained graph starts from empty ones instead of adding to them.
     """
 
-    def __init__(self, layouts: Sequence[_Layout]):
+    def __init__(self, layouts: Sequence[GradLayout]):
         self.layouts = list(layouts)
         self.grads: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(layouts)
         self.task: Optional[int] = None
@@ -161,7 +161,7 @@ def sink_features(maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     for i in live:
         token = _token_base(maps[i])
         inputs.append(token[0] if token else maps[i])
-        layouts.append(_Layout(maps[i], token[1] if token else 0))
+        layouts.append(GradLayout(maps[i], token[1] if token else 0))
     sink = GradSink(layouts)
     out = list(maps)
     for k, (i, alias) in enumerate(zip(live, _SinkAlias.apply(sink, *inputs))):
