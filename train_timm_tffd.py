@@ -39,10 +39,10 @@ from timm.task import (
     resume_task_checkpoint)
 from timm.utils import NativeScaler
 
-from timm_tffd import SFDTask, TfFDTask, wrap
+from timm_tffd import SFDTask, TfFDConfig, TfFDTask
 from timm_tffd.kd import TfFDLogitDistillationTask
 from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntropy
-from timm_tffd.self_distill import SELF_DISTILL_MODES, parse_tau
+from timm_tffd.self_distill import SELF_DISTILL_MODES, SelfDistill, parse_tau
 from timm_tffd.teacher import create_teacher
 from timm_tffd.checkpoint import AtomicCheckpointSaver, atomic_write_text
 from timm_tffd.data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST
@@ -50,7 +50,7 @@ from timm_tffd.data.subset import SampledSubset
 from timm_tffd.loss_meter import LossMeter
 from timm_tffd.losses.inter import DIRECTIONS, PAIRS
 from timm_tffd.losses.saliency import MODEL_SALIENCY, SALIENCY
-from timm_tffd.methods import get_method, list_methods, method_options, parse_methods
+from timm_tffd.methods import get_method, list_methods
 from timm_tffd.train_compat import add_timm_argument, add_unsupported_arguments, load_config
 
 _logger = logging.getLogger('train')
@@ -85,16 +85,6 @@ _TFFD_OPTION_FLAGS = {
 }
 
 
-def _tffd_option_owners() -> Dict[str, List[str]]:
-    """``args`` attribute of every method flag -> the methods that use it."""
-    owners: Dict[str, List[str]] = {}
-    for m in list_methods():
-        owners.setdefault(f'tffd_{m}_weight', []).append(m)
-        for option in get_method(m).options():
-            owners.setdefault(f'tffd_{option}', []).append(m)
-    return owners
-
-
 def _add_tffd_arguments(parser: argparse.ArgumentParser):
     group = parser.add_argument_group('Teacher-free Feature Distillation (not timm arguments)')
     group.add_argument('--tffd', type=str, default=None, metavar='METHODS',
@@ -104,7 +94,8 @@ def _add_tffd_arguments(parser: argparse.ArgumentParser):
         method = get_method(m)
         group.add_argument(f'--tffd-{m}-weight', type=float, default=method.default_weight, metavar='W',
                            help=f'{m} loss weight: {method.description} (default: %(default)s)')
-    group.add_argument('--tffd-warmup-epochs', type=float, default=20, metavar='N',
+    defaults = TfFDConfig.flag_defaults()
+    group.add_argument('--tffd-warmup-epochs', type=float, default=defaults['tffd_warmup_epochs'], metavar='N',
                        help='linear warm-up of the Tf-FD weights over N epochs, 0 for none (default: 20, the '
                             'reference code)')
     group.add_argument('--tffd-early-decay', type=float, nargs=2, default=None, metavar=('START', 'END'),
@@ -113,12 +104,11 @@ def _add_tffd_arguments(parser: argparse.ArgumentParser):
                        help='feature_info indices of the tapped stages (default: all but the stem)')
     group.add_argument('--tffd-preact', action='store_true',
                        help='tap stage outputs before their closing ReLU (ResNet-style stages)')
-    defaults = method_options(list_methods())
     for option, spec in _TFFD_OPTION_FLAGS.items():
         spec = dict(spec)
         if spec.get('action') != 'store_true' and 'default:' not in spec['help']:
             spec['help'] += ' (default: %(default)s)'
-        group.add_argument(f'--tffd-{option.replace("_", "-")}', default=defaults[option], **spec)
+        group.add_argument(f'--tffd-{option.replace("_", "-")}', default=defaults[f'tffd_{option}'], **spec)
 
 
 def _add_teacher_arguments(parser: argparse.ArgumentParser):
@@ -292,8 +282,7 @@ def _build_parsers():
 def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse a timm-style command line (with an optional ``-c`` YAML config); returns ``(args, args_text)``."""
     config_parser, parser = _build_parsers()
-    tffd_defaults = {a.dest: a.default for a in parser._actions if a.dest.startswith('tffd_')}  # before -c
-    teacher_defaults = {a.dest: a.default for a in parser._actions}
+    teacher_defaults = {k: parser.get_default(k) for k in _TEACHER_FLAGS}  # before -c sets new defaults
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
         try:
@@ -304,7 +293,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     del args.config  # like timm's args.yaml, ours holds the arguments the config set, not its path
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     _check_args(args, parser)
-    _check_tffd_args(args, parser, tffd_defaults)
+    try:
+        TfFDConfig.from_args(args)  # the Tf-FD flags are checked where build_task reads them
+    except ValueError as e:
+        parser.error(f'--tffd: {e}' if args.tffd else str(e))
     _check_teacher_args(args, parser, teacher_defaults)
     return args, args_text
 
@@ -350,41 +342,17 @@ def _check_args(args, parser: argparse.ArgumentParser):
         parser.error('--sync-bn cannot be used with --device cpu: torch\'s SyncBatchNorm runs on CUDA only')
 
 
-def _check_tffd_args(args, parser: argparse.ArgumentParser, defaults: Dict[str, object]):
-    """Tf-FD flags must name known methods, and a method's flags need the method in --tffd."""
-    if args.tffd is None:
-        changed = [k for k, v in defaults.items() if getattr(args, k) != v]
-        if changed:
-            flags = ', '.join('--' + k.replace('_', '-') for k in changed)
-            parser.error(f'{flags}: Tf-FD options, which need --tffd (e.g. --tffd inter,intra)')
-        return
-    try:
-        methods = parse_methods(args.tffd)
-    except ValueError as e:
-        parser.error(f'--tffd: {e}')
-    for key, users in _tffd_option_owners().items():
-        if not set(users) & set(methods) and getattr(args, key) != defaults[key]:
-            parser.error(f'--{key.replace("_", "-")} needs {" or ".join(users)} in --tffd (got --tffd {args.tffd})')
-        if key.endswith('_weight') and not getattr(args, key) >= 0:
-            parser.error(f'--{key.replace("_", "-")} must be >= 0')
-    if args.tffd_warmup_epochs < 0:
-        parser.error('--tffd-warmup-epochs must be >= 0')
-    if args.tffd_early_decay is not None and not 0 <= args.tffd_early_decay[0] < args.tffd_early_decay[1]:
-        parser.error(f'--tffd-early-decay START END needs 0 <= START < END, got {args.tffd_early_decay}')
+_TEACHER_FLAGS = ('teacher_checkpoint', 'teacher_mean', 'teacher_std', 'sfd', 'sfd_weight', 'distill_loss_weight',
+                  'task_loss_weight', 'kd_temperature')
 
 
 def _check_teacher_args(args, parser: argparse.ArgumentParser, defaults: Dict[str, object]):
     """Teacher, SFD, SD/RSD and dynamic smoothing flags: valid values and combinations that make sense."""
     if not args.kd_model_name:
-        changed = [k for k in ('teacher_checkpoint', 'teacher_mean', 'teacher_std', 'sfd', 'sfd_weight',
-                               'distill_loss_weight', 'task_loss_weight', 'kd_temperature') if
-                   getattr(args, k) != defaults[k]]
+        changed = [k for k in _TEACHER_FLAGS if getattr(args, k) != defaults[k]]
         if changed:
             flags = ', '.join('--' + k.replace('_', '-') for k in changed)
             parser.error(f'{flags} need a teacher (--teacher NAME)')
-    elif args.self_distill and not args.sfd:
-        parser.error('--self-distill with logit KD is not supported; use it alone, with --tffd, or with --teacher '
-                     'and --sfd')
     if args.self_distill is not None and args.self_distill not in SELF_DISTILL_MODES:
         parser.error(f'--self-distill: unknown mode {args.self_distill!r}; valid: {", ".join(SELF_DISTILL_MODES)}')
     try:
@@ -407,20 +375,6 @@ def _check_teacher_args(args, parser: argparse.ArgumentParser, defaults: Dict[st
 # Building blocks
 # ------------------------------------------------------------------------------------------------------------------
 
-def _tffd_setup(args) -> Optional[dict]:
-    """The Tf-FD task keywords (``TfFDTask`` / ``TfFDLogitDistillationTask``) from the flags; ``None`` without
-    ``--tffd``."""
-    if not args.tffd:
-        return None
-    methods = parse_methods(args.tffd)
-    return dict(
-        tffd=methods, stages=args.tffd_stages, preact=args.tffd_preact,
-        method_options={k: getattr(args, f'tffd_{k}') for k in method_options(methods)},
-        weights={m: getattr(args, f'tffd_{m}_weight') for m in methods},
-        warmup_epochs=args.tffd_warmup_epochs, decay=args.tffd_early_decay,
-    )
-
-
 def _create_teacher(args, data_config, device):
     """The frozen teacher (timm's ``DistillationTeacher``), or ``None`` without ``--teacher``."""
     if not args.kd_model_name:
@@ -436,32 +390,26 @@ def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device:
                data_config: dict) -> TrainingTask:
     """The training task; the one place that decides what a training step computes.
 
-    ============================  ===============================================================================
-    flags                         task
-    ============================  ===============================================================================
-    (none)                        timm ``ClassificationTask``
-    ``--tffd``                    ``TfFDTask``
-    ``--teacher``                 timm ``LogitDistillationTask`` (``TfFDLogitDistillationTask`` with ``--tffd``)
-    ``--teacher --sfd``           ``SFDTask`` (+ Tf-FD terms with ``--tffd``, + SD/RSD with ``--self-distill``)
-    ``--self-distill``            ``SFDTask`` without a teacher (+ Tf-FD terms with ``--tffd``)
-    ============================  ===============================================================================
+    ===========================  ===============================================================================
+    flags                        task
+    ===========================  ===============================================================================
+    (none)                       timm ``ClassificationTask``
+    ``--tffd``                   ``TfFDTask``
+    ``--teacher``                timm ``LogitDistillationTask`` (``TfFDLogitDistillationTask`` with ``--tffd``)
+    ``--teacher --sfd``          ``SFDTask`` (with Tf-FD terms with ``--tffd``)
+    ===========================  ===============================================================================
 
-    The loop calls ``task.set_epoch(epoch)`` (or the criterion's) before each epoch and ``task.on_train_epoch_end(epoch)``
-    after it, when they exist, and saves ``task.get_task_state()`` in every checkpoint.
+    ``--self-distill`` adds the SD / RSD step (``build_self_distill``) to any of them. The loop calls
+    ``task.set_epoch(epoch)`` (or the criterion's) before each epoch, and saves ``task.get_task_state()`` in every
+    checkpoint.
     """
     verbose = utils.is_primary(args)
-    tffd = _tffd_setup(args)
+    tffd = TfFDConfig.from_args(args)
     teacher = _create_teacher(args, data_config, device)
-    if args.sfd or args.self_distill:
-        tffd_loss = None
-        if tffd:
-            model = wrap(model, tffd['tffd'], stages=tffd['stages'], preact=tffd['preact'], **tffd['method_options'])
-            tffd_loss = {k: tffd[k] for k in ('weights', 'warmup_epochs', 'decay')}
+    if args.sfd:
         return SFDTask(
-            model, teacher=teacher if args.sfd else None, integrator=args.sfd or 'ri', sfd_weight=args.sfd_weight,
-            self_distill=args.self_distill, sd_tau=args.sd_tau, num_epochs=args.epochs, sd_seed=args.seed,
-            criterion=criterion, tffd_kwargs=tffd_loss, student_mean=data_config['mean'],
-            student_std=data_config['std'], device=device, verbose=verbose)
+            model, teacher=teacher, integrator=args.sfd, sfd_weight=args.sfd_weight, criterion=criterion, tffd=tffd,
+            student_mean=data_config['mean'], student_std=data_config['std'], device=device, verbose=verbose)
     if teacher is not None:
         # timm's KD tasks read the student's normalization from its pretrained cfg: make it the one trained with
         model.pretrained_cfg = dict(model.pretrained_cfg, mean=data_config['mean'], std=data_config['std'])
@@ -469,11 +417,18 @@ def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device:
                   task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature, device=device,
                   verbose=verbose)
         if tffd:
-            return TfFDLogitDistillationTask(model, teacher, criterion, **tffd, **kd)
+            return TfFDLogitDistillationTask(model, teacher, criterion, tffd=tffd, **kd)
         return LogitDistillationTask(model, teacher, criterion, **kd)
     if tffd:
-        return TfFDTask(model, criterion, **tffd, device=device, verbose=verbose)
+        return TfFDTask(model, criterion, tffd=tffd, device=device, verbose=verbose)
     return ClassificationTask(model, criterion, device=device, verbose=verbose)
+
+
+def build_self_distill(args, task: TrainingTask) -> Optional[SelfDistill]:
+    """The SD / RSD end-of-epoch step on the task's trainable module, or ``None`` without ``--self-distill``."""
+    if not args.self_distill:
+        return None
+    return SelfDistill(task.get_trainable_module(), args.self_distill, args.sd_tau, args.epochs, seed=args.seed)
 
 
 class _SetupError(Exception):
@@ -640,6 +595,7 @@ class _Setup:
     eval_metric: str
     input_size: tuple
     resume_epoch: Optional[int]
+    self_distill: Optional[SelfDistill]
 
 
 @dataclass
@@ -835,6 +791,9 @@ def _build(args, device, loss_scaler) -> _Setup:
                 load_task_ema_checkpoint(task, args.resume)
     except (RuntimeError, KeyError, ValueError) as e:  # another model, or not a training checkpoint
         raise _SetupError(f'cannot resume from {args.resume}: {e}') from e
+    self_distill = build_self_distill(args, task)
+    if self_distill is not None and resume_epoch:
+        self_distill.resume(resume_epoch - 1)  # the checkpoint was written right after that epoch's SD step
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
@@ -850,7 +809,7 @@ def _build(args, device, loss_scaler) -> _Setup:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
     return _Setup(task, eval_model, loader_train, loader_eval, optimizer, lr_scheduler, num_epochs, eval_metric,
-                  data_config['input_size'], resume_epoch)
+                  data_config['input_size'], resume_epoch, self_distill)
 
 
 def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResult:
@@ -893,12 +852,12 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                 epoch_aware.set_epoch(epoch)
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, lr_scheduler, args, amp_autocast, loss_scaler)
-            if hasattr(task, 'on_train_epoch_end'):  # end-of-epoch parameter updates, identical on every rank
-                update = task.on_train_epoch_end(epoch)
-                if update and primary:
-                    _logger.info(f'Epoch {epoch}: self-distillation {update}')
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+            if setup.self_distill is not None:  # after the BN sync: every rank mixes the same weights
+                update = setup.self_distill.step(epoch)
+                if primary:
+                    _logger.info(f'Epoch {epoch}: self-distillation {update}')
 
             eval_metrics = _evaluate(args, setup, evaluator, amp_autocast) if evaluator is not None else None
             latest_metric = (eval_metrics or train_metrics)[eval_metric]

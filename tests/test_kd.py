@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from timm_tffd import DynamicLabelSmoothingCrossEntropy, TfFDLogitDistillationTask
+from timm_tffd import DynamicLabelSmoothingCrossEntropy, TfFDConfig, TfFDLogitDistillationTask
 
 STUDENT_STAGES = [1, 2, 3]  # test_resnet's layer1..layer3: 32 -> 48 -> 192 channels, so m2o applies
 
@@ -27,10 +27,10 @@ def _kd_term(student_logits, teacher_logits, temperature):
 
 def test_tffd_kd_steps():
     student, teacher = _models()
-    task = TfFDLogitDistillationTask(
-        student, teacher, nn.CrossEntropyLoss(), tffd='inter,intra,emd,m2o', weights={'m2o': 0.01},
-        warmup_epochs=0, stages=STUDENT_STAGES, method_options=dict(emd_grid=2), distill_loss_weight=0.5,
-        task_loss_weight=0.7, temperature=4.0, verbose=False)
+    config = TfFDConfig('inter,intra,emd,m2o', weights={'m2o': 0.01}, warmup_epochs=0, stages=STUDENT_STAGES,
+                        options=dict(emd_grid=2))
+    task = TfFDLogitDistillationTask(student, teacher, nn.CrossEntropyLoss(), tffd=config, distill_loss_weight=0.5,
+                                     task_loss_weight=0.7, temperature=4.0, verbose=False)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(2)
@@ -40,13 +40,14 @@ def test_tffd_kd_steps():
     losses = []
     for _ in range(3):
         out = task(x, y)
-        assert sorted(out) == ['kd_loss', 'loss', 'output', 'task_loss', 'tffd_emd', 'tffd_inter', 'tffd_intra',
-                               'tffd_m2o']
+        assert sorted(out) == ['kd_loss', 'loss', 'output', 'task_loss', 'tffd', 'tffd_emd', 'tffd_inter',
+                               'tffd_intra', 'tffd_m2o']
         with torch.no_grad():
             teacher_logits = teacher(x)
         torch.testing.assert_close(out['kd_loss'], _kd_term(out['output'], teacher_logits, 4.0))
         torch.testing.assert_close(out['task_loss'], nn.functional.cross_entropy(out['output'], y))
         tffd = 0.005 * out['tffd_inter'] + 0.0004 * out['tffd_intra'] + 0.005 * out['tffd_emd'] + 0.01 * out['tffd_m2o']
+        torch.testing.assert_close(out['tffd'], tffd)
         torch.testing.assert_close(out['loss'], 0.7 * out['task_loss'] + 0.5 * out['kd_loss'] + tffd)
         optimizer.zero_grad()
         out['loss'].backward()
@@ -60,8 +61,8 @@ def test_tffd_kd_steps():
 def test_tffd_kd_complementary_weights_and_epoch():
     student, teacher = _models()
     base = DynamicLabelSmoothingCrossEntropy(0.2, schedule='linear', epochs=3)
-    task = TfFDLogitDistillationTask(student, teacher, base, tffd='inter', warmup_epochs=4, task_loss_weight=0.3,
-                                     verbose=False)
+    task = TfFDLogitDistillationTask(student, teacher, base, tffd=TfFDConfig('inter', warmup_epochs=4),
+                                     task_loss_weight=0.3, verbose=False)
     assert (task.task_loss_weight, task.distill_loss_weight) == (0.3, 0.7)
     task.set_epoch(1)  # reaches the Tf-FD warm-up (2 / 4) and the smoothing schedule (0.1)
     assert base.smoothing == pytest.approx(0.1) and task.get_task_state()['tffd']['epoch'] == 1

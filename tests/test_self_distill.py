@@ -166,6 +166,16 @@ def test_resume_continues_the_same_trajectory():
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
 
+    # resume() from the weights alone: the snapshot is the weights saved right after the step
+    from_weights = _net()
+    from_weights.load_state_dict(ckpt['model'])
+    sd3 = SelfDistill(from_weights, **kwargs)
+    sd3.resume(2)
+    assert sd3.last_epoch == 2
+    epochs(from_weights, sd3, 3, 6)
+    for k, v in full.state_dict().items():
+        assert torch.equal(from_weights.state_dict()[k], v), k
+
 
 def test_bad_input():
     with pytest.raises(ValueError, match='unknown self-distillation mode'):

@@ -16,7 +16,8 @@ from timm.task import resume_task_checkpoint
 from timm.utils import distribute_bn, unwrap_model
 
 from timm_tffd import (
-    FeatureTaps, MarginL2Loss, SelfDistill, SFDTask, SFDTeacher, create_integrator, create_teacher, wrap)
+    FeatureTaps, MarginL2Loss, SelfDistill, SFDTask, SFDTeacher, TfFDConfig, create_integrator, create_teacher,
+    get_tffd_state, wrap)
 
 NUM_CLASSES = 10
 
@@ -173,7 +174,7 @@ def test_sfd_task_trains(teacher_name, integrator):
     for r in results:
         assert set(r) == {'loss', 'output', 'base_loss', 'sfd'}
         assert torch.isfinite(r['loss']) and r['sfd'] > 0
-        assert torch.allclose(r['loss'], r['base_loss'] + 3 * r['sfd'])  # seed 004's weight 3
+        assert torch.allclose(r['loss'], r['base_loss'] + 3 * r['sfd'])  # SFD's weight 3
     assert not task.teacher.teacher.model.training
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
     integrator_after = task.trainable_module.integrator.state_dict()
@@ -188,57 +189,65 @@ def test_sfd_task_trains(teacher_name, integrator):
 
 
 def test_sfd_with_tffd_and_rsd_in_one_forward():
-    student = wrap(_model('test_resnet'), 'inter,intra')
-    task = SFDTask(student, _model('test_resnet', seed=3), self_distill='rsd', num_epochs=3,
-                   tffd_kwargs=dict(warmup_epochs=0), verbose=False)
+    student = wrap(_model('test_resnet'), 'inter,intra', warmup_epochs=0)
+    task = SFDTask(student, _model('test_resnet', seed=3), verbose=False)
+    rsd = SelfDistill(task.get_trainable_module(), 'rsd', num_epochs=3)
     calls = []
     student.layer4.register_forward_hook(lambda *args: calls.append(1))
     r = _train(task, 1)[0]
     assert len(calls) == 1  # Tf-FD and SFD read the same student forward pass
-    assert {'loss', 'output', 'base_loss', 'sfd', 'tffd_inter', 'tffd_intra'} <= set(r)
-    w = task.tffd.weights
+    assert {'loss', 'output', 'base_loss', 'sfd', 'tffd', 'tffd_inter', 'tffd_intra'} <= set(r)
+    w = task.tffd_loss.weights
     want = r['base_loss'] + w['inter'] * r['tffd_inter'] + w['intra'] * r['tffd_intra'] + 3 * r['sfd']
     assert torch.allclose(r['loss'], want)
-    assert task.on_train_epoch_end(0)['updated'] is False
+    assert rsd.step(0)['updated'] is False
     _train(task, 1)
-    assert task.on_train_epoch_end(1)['tau'] == pytest.approx(0.997)
+    assert rsd.step(1)['tau'] == pytest.approx(0.997)
+    assert task.get_task_state()['tffd']['config'] == get_tffd_state(student).config.to_dict()
 
 
-def test_self_distill_without_teacher():
-    task = SFDTask(_model('test_resnet'), self_distill='sd', sd_tau='0.99', verbose=False)
-    r = _train(task, 1)[0]
-    assert set(r) == {'loss', 'output', 'base_loss'}
-    assert task.on_train_epoch_end(0) == {'tau': None, 'flipped': False, 'updated': False}
-    assert task.trainable_module.integrator is None
+def test_tffd_given_as_config():
+    config = TfFDConfig('inter', warmup_epochs=0, stages=[1, 2, 3, 4])
+    task = SFDTask(_model('test_resnet'), _model('test_resnet', seed=3), tffd=config, verbose=False)
+    assert task.tffd_loss.config is config
+    assert task.get_task_state()['tffd'] == {'config': config.to_dict(), 'epoch': 0.}
+    plain = SFDTask(_model('test_resnet'), _model('test_resnet', seed=3), verbose=False)
+    assert plain.tffd_loss is None and 'tffd' not in plain.get_task_state()
 
 
 def test_task_state_round_trip_resumes_exactly(tmp_path):
     teacher = _model('test_efficientnet', seed=3)  # empirical margin: its statistics are task state too
 
     def make():
-        return SFDTask(_model('test_resnet'), copy.deepcopy(teacher), integrator='ri', self_distill='rsd',
-                       num_epochs=4, sd_seed=1, verbose=False)
+        task = SFDTask(_model('test_resnet'), copy.deepcopy(teacher), integrator='ri', tffd='inter',
+                       verbose=False)
+        return task, SelfDistill(task.get_trainable_module(), 'rsd', num_epochs=4, seed=1)
 
-    task = make()
+    task, rsd = make()
     for epoch in range(2):
+        task.set_epoch(epoch)
         _train(task, 2, seed=10 * epoch)
-        task.on_train_epoch_end(epoch)
+        rsd.step(epoch)
     task.setup_ema(decay=0.9)
     ema_state = task.get_task_state(ema=True)
     assert set(ema_state) == {'sfd'} and 'integrator_state' in ema_state['sfd']
     path = tmp_path / 'checkpoint.pth.tar'
     torch.save({**task.get_checkpoint_state(), 'epoch': 1, 'version': 2}, path)
 
-    resumed = make()
+    resumed, resumed_rsd = make()
     assert resume_task_checkpoint(resumed, str(path), log_info=False) == 2
+    resumed_rsd.resume(1)
     for a, b in ((task.trainable_module.integrator, resumed.trainable_module.integrator),
                  (task.teacher.empirical, resumed.teacher.empirical)):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    assert resumed.self_distill.last_epoch == 1
-    assert all(torch.equal(v, resumed.self_distill.prev[k]) for k, v in task.self_distill.prev.items())
-    for t in (task, resumed):  # one more epoch on both: identical results
-        _train(t, 2, seed=20)
-        t.on_train_epoch_end(2)
+    assert resumed.tffd_loss.epoch == 1
+    assert resumed_rsd.last_epoch == 1
+    assert all(torch.equal(v, resumed_rsd.prev[k]) for k, v in rsd.prev.items())
+    for t, r in ((task, rsd), (resumed, resumed_rsd)):  # two more epochs on both: identical results
+        for epoch in (2, 3):
+            t.set_epoch(epoch)
+            _train(t, 2, seed=20 + epoch)
+            r.step(epoch)
     for k, v in task.trainable_module.state_dict().items():
         assert torch.equal(resumed.trainable_module.state_dict()[k], v), k
 
@@ -252,12 +261,8 @@ def test_bad_input():
         SFDTask(student, _model('test_resnet'), teacher_stage=0, verbose=False)  # stride-2 stem vs stride 32
     with pytest.raises(ValueError, match='unknown SFD integrator'):
         SFDTask(student, _model('test_resnet'), integrator='fpn', verbose=False)
-    with pytest.raises(ValueError, match='unknown self-distillation mode'):
-        SFDTask(student, self_distill='ema', num_epochs=2, verbose=False)
-    with pytest.raises(ValueError, match='tau'):
-        SFDTask(student, self_distill='rsd', sd_tau='0.999,0.99', num_epochs=2, verbose=False)
-    with pytest.raises(ValueError, match='not wrapped'):
-        SFDTask(student, tffd_kwargs=dict(warmup_epochs=0), verbose=False)
+    with pytest.raises(ValueError, match='SFD needs a teacher'):
+        SFDTask(student, None, verbose=False)
     with pytest.raises(ValueError, match='num_classes=10'):
         SFDTask(student, _model('test_resnet', num_classes=7), verbose=False)
     wrapped = wrap(_model('test_resnet'), 'inter', stages=[1, 2])
@@ -269,9 +274,9 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     try:
-        student = wrap(_model('test_resnet'), 'inter')
-        task = SFDTask(student, _model('test_efficientnet', seed=3), integrator='ai', self_distill='rsd',
-                       num_epochs=3, sd_seed=rank, tffd_kwargs=dict(warmup_epochs=0), verbose=False)
+        student = wrap(_model('test_resnet'), 'inter', warmup_epochs=0)
+        task = SFDTask(student, _model('test_efficientnet', seed=3), integrator='ai', verbose=False)
+        rsd = SelfDistill(task.get_trainable_module(), 'rsd', num_epochs=3, seed=rank)
         task.prepare_distributed()
         opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
         task.train()
@@ -282,7 +287,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
             result['loss'].backward()
             opt.step()
             distribute_bn(task.get_trainable_module(), world_size, reduce=True)
-            task.on_train_epoch_end(epoch)
+            rsd.step(epoch)
         state = {k: v.detach() for k, v in unwrap_model(task.get_trainable_module()).state_dict().items()}
         state['margin'] = task.teacher.empirical.margin
         torch.save(state, os.path.join(out_dir, f'rank{rank}.pt'))

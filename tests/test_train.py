@@ -39,8 +39,8 @@ def test_tffd_train_eval(run_train, tmp_path):
     assert sorted(os.listdir(out)) == ['args.yaml', 'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar',
                                        'model_best.pth.tar', 'summary.csv']
     rows = read_summary(out)
-    assert list(rows[0]) == ['epoch', 'train_loss', 'train_base_loss', 'train_tffd_inter', 'train_tffd_intra',
-                             'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    assert list(rows[0]) == ['epoch', 'train_loss', 'train_base_loss', 'train_tffd', 'train_tffd_inter',
+                             'train_tffd_intra', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
     base_lr = 0.1 * 32 / 256  # timm: lr_base * global batch / lr_base_size
     for epoch, row in enumerate(rows):
         r = {k: float(v) for k, v in row.items()}
@@ -49,6 +49,7 @@ def test_tffd_train_eval(run_train, tmp_path):
         expected = r['train_base_loss'] + tffd_weight(epoch, 4, 0, 4) * (
             0.5 * r['train_tffd_inter'] + 0.25 * r['train_tffd_intra'])
         assert r['train_loss'] == pytest.approx(expected, rel=1e-5)
+        assert r['train_loss'] == pytest.approx(r['train_base_loss'] + r['train_tffd'], rel=1e-5)
         assert r['train_tffd_inter'] > 0 and r['train_tffd_intra'] > 0
         assert 0 <= r['eval_top1'] <= r['eval_top5'] <= 100
         # cosine over 2 epochs without warmup: the lr of epoch e is base * (1 + cos(pi * e / 2)) / 2
@@ -64,9 +65,10 @@ def test_tffd_train_eval(run_train, tmp_path):
     plain = timm.create_model('test_resnet', in_chans=1, num_classes=10)
     assert list(ckpt['state_dict']) == list(plain.state_dict())  # a plain timm model, loadable without timm_tffd
     plain.load_state_dict(ckpt['state_dict'])
-    assert ckpt['task_state']['tffd']['config']['tffd'] == ['inter', 'intra']
-    assert ckpt['task_state']['tffd']['config']['stages'] == [2, 3, 4]
-    assert ckpt['task_state']['tffd']['weights'] == {'inter': 0.5, 'intra': 0.25}
+    config = ckpt['task_state']['tffd']['config']
+    assert config['methods'] == ['inter', 'intra'] and config['stages'] == [2, 3, 4] and config['decay'] == [0, 4]
+    assert config['weights'] == {'inter': 0.5, 'intra': 0.25} and config['warmup_epochs'] == 4
+    assert ckpt['task_state']['tffd']['epoch'] == 1
 
 
 def _save_initial(tmp_path, model_name, **kwargs):
@@ -126,7 +128,7 @@ def test_yaml_config(run_train, tmp_path, caplog):
     assert (saved['model'], saved['epochs'], saved['tffd'], saved['tffd_pairs'], saved['smoothing']) == (
         'test_resnet', 1, 'inter', 'adjacent', 0.0)
     assert len(read_summary(run.output_dir)) == 1
-    assert run.task.criterion._state.config['pairs'] == 'adjacent'
+    assert run.task.tffd_loss.config.options['pairs'] == 'adjacent'
     groups = load_checkpoint(os.path.join(run.output_dir, 'last.pth.tar'))['optimizer']['param_groups']
     assert all('betas' in g for g in groups) and sorted({g['weight_decay'] for g in groups}) == [0.0, 0.05]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
@@ -212,7 +214,7 @@ def test_log_wandb(run_train, monkeypatch):
     assert logged[1][0] == 'log' and {'train_loss', 'train_tffd_intra', 'eval_top1'} <= set(logged[1][1])
     model = run.task.get_trainable_module()
     assert model.drop_rate == 0.1 and model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert type(run.task.criterion.base_loss).__name__ == 'SoftTargetCrossEntropy'  # cutmix targets
+    assert type(run.task.criterion).__name__ == 'SoftTargetCrossEntropy'  # cutmix targets
 
 
 def test_atomic_checkpoint_saver(tmp_path, monkeypatch):
@@ -388,7 +390,7 @@ def test_ddp_two_ranks_match_one_process(run_train, tmp_path):
     (['--tffd', 'inter,nope'], "unknown Tf-FD method 'nope'"),
     (['--tffd', 'inter', '--tffd-saliency', 'l1'], '--tffd-saliency needs intra in --tffd'),
     (['--tffd-intra-weight', '0.1'], '--tffd-intra-weight: Tf-FD options, which need --tffd'),
-    (['--tffd', 'inter', '--tffd-early-decay', '5', '2'], 'needs 0 <= START < END'),
+    (['--tffd', 'inter', '--tffd-early-decay', '5', '2'], 'decay must be (start, end) epochs with 0 <= start < end'),
     (['--clip-grad', '1.0'], "--clip-grad is an argument of timm's train.py that this script does not support"),
     (['--sync-bn'], "--sync-bn cannot be used with --device cpu"),
     (['--resume', 'missing.pth.tar'], "--resume: no checkpoint file at 'missing.pth.tar'"),

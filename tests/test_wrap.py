@@ -4,11 +4,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import timm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import timm_tffd
-from timm_tffd import TfFDLoss, TfFDSchedule, TfFDTask, inter_layer_loss, intra_layer_loss, unwrap, wrap
+from timm_tffd import TfFDConfig, TfFDLoss, TfFDTask, inter_layer_loss, intra_layer_loss, unwrap, wrap
 
 # name -> (create_model kwargs, input size): the smallest variant of each family that keeps its structure
 MODELS = {
@@ -43,7 +44,7 @@ def test_wrap_any_model(family):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = copy.deepcopy(model)
 
-    wrapped = wrap(model, 'inter,intra')
+    wrapped = wrap(model, 'inter,intra', warmup_epochs=0)
     assert wrapped is model and type(wrapped) is type(reference)
     with torch.no_grad():
         assert torch.equal(wrapped(x), expected)  # eval: the class forward, untouched
@@ -51,26 +52,54 @@ def test_wrap_any_model(family):
     assert list(wrapped.state_dict()) == list(state)
     assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in state.items())
 
-    # train: same logits as plain timm (same BN batch statistics), features from the same pass
+    # train: same logits, loss and parameter gradients as plain timm with independently computed terms
     wrapped.train()
     reference.train()
+    target = torch.arange(4) % 5
     torch.manual_seed(2)  # same drop-path / dropout draws in both passes
-    with torch.no_grad():
-        ref_logits = reference(x)
-    criterion = TfFDLoss(nn.CrossEntropyLoss(), wrapped, warmup_epochs=0)
+    ref_loss = _reference_loss(reference, x, target, weights=(0.005, 0.0004))
+    ref_loss.backward()
+    criterion = TfFDLoss(nn.CrossEntropyLoss(), wrapped)
     torch.manual_seed(2)
     out = wrapped(x)
-    torch.testing.assert_close(out, ref_logits, rtol=1e-5, atol=1e-5)
-    target = torch.arange(4) % 5
     result = criterion.compute(out, target)
     for key in ('loss', 'tffd_inter', 'tffd_intra'):
         assert torch.isfinite(result[key]) and result[key] > 0, key
+    torch.testing.assert_close(result['loss'], ref_loss.detach(), rtol=1e-5, atol=1e-6)
     result['loss'].backward()
-    grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
-    assert all(g is not None for g in grads[:len(grads) // 2])
+    for (name, p), q in zip(wrapped.named_parameters(), reference.parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
 
     assert unwrap(wrapped) is model and 'forward' not in vars(model)
     assert not timm_tffd.is_wrapped(model)
+
+
+def _reference_loss(model, x, target, weights):
+    """CE + lambda_inter * inter + lambda_intra * intra on an unwrapped model, written from the reference code's
+    definitions (all pairs top-down, adaptive average pooling to the smaller map, first C channels, detached target;
+    channels ranked by the mean of their l2-normalized maps, rank k paired with rank k + C // 2)."""
+    indices = timm_tffd.resolve_stages(model)
+    final, feats = model.forward_intermediates(x, indices=indices)
+    logits = model.forward_head(final)
+    pairs = []
+    for i in range(len(feats)):
+        for j in range(i + 1, len(feats)):
+            s, t = feats[i], feats[j].detach()
+            size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+            c = min(s.shape[1], t.shape[1])
+            pairs.append(F.mse_loss(F.adaptive_avg_pool2d(s, size)[:, :c], F.adaptive_avg_pool2d(t, size)[:, :c]))
+    inter = torch.stack(pairs).mean()
+    stages = []
+    for f in feats:
+        half = f.shape[1] // 2
+        with torch.no_grad():
+            order = F.normalize(f.double(), p=2, dim=(2, 3)).mean((0, 2, 3)).argsort(descending=True)
+        stages.append(F.mse_loss(f[:, order[:half]], f[:, order[half:2 * half]]))
+    intra = torch.stack(stages).mean()
+    return F.cross_entropy(logits, target) + weights[0] * inter + weights[1] * intra
 
 
 def test_one_backbone_pass_and_total_loss():
@@ -78,8 +107,8 @@ def test_one_backbone_pass_and_total_loss():
     reference = copy.deepcopy(model)
     calls = []
     model.layer1.register_forward_hook(lambda *a: calls.append(1))
-    wrap(model, 'inter,intra').train()
-    crit = TfFDLoss(LabelSmoothingCrossEntropy(0.1), model, weights={'inter': 0.5, 'intra': 0.25}, warmup_epochs=4)
+    wrap(model, 'inter,intra', weights={'inter': 0.5, 'intra': 0.25}, warmup_epochs=4).train()
+    crit = TfFDLoss(LabelSmoothingCrossEntropy(0.1), model)
     crit.set_epoch(1)  # warm-up multiplier (1 + 1) / 4
     target = torch.tensor([0, 1, 2, 3])
     out = model(x)
@@ -102,16 +131,16 @@ def test_one_backbone_pass_and_total_loss():
 ])
 def test_any_base_loss(base, target_kind):
     model, x = _create('convnext')
-    wrap(model).train()
+    wrap(model, warmup_epochs=0).train()
     target = torch.arange(4) % 5
     if target_kind == 'soft':
         target = torch.softmax(torch.randn(4, 5), -1)  # mixup-style soft targets
-    crit = TfFDLoss(base, model, warmup_epochs=0)
+    crit = TfFDLoss(base, model)
     out = model(x)
     result = crit.compute(out, target)
     torch.testing.assert_close(result['base_loss'], base(out, target))
-    torch.testing.assert_close(result['loss'], result['base_loss'] + 0.005 * result['tffd_inter']
-                               + 0.0004 * result['tffd_intra'])
+    torch.testing.assert_close(result['tffd'], 0.005 * result['tffd_inter'] + 0.0004 * result['tffd_intra'])
+    torch.testing.assert_close(result['loss'], result['base_loss'] + result['tffd'])
 
 
 def test_criterion_needs_fresh_training_forward():
@@ -146,12 +175,26 @@ def test_non_finite_features_are_reported():
 
 
 def test_schedule():
-    s = TfFDSchedule(warmup_epochs=20)
+    s = TfFDConfig(warmup_epochs=20).multiplier
     assert [s(e) for e in (0, 9, 19, 50)] == [pytest.approx(0.05), pytest.approx(0.5), 1.0, 1.0]
-    s = TfFDSchedule(warmup_epochs=0, decay=(10, 30))
+    s = TfFDConfig(warmup_epochs=0, decay=(10, 30)).multiplier
     assert [s(e) for e in (0, 10, 20, 30, 40)] == [1.0, 1.0, 0.5, 0.0, 0.0]
-    s = TfFDSchedule(warmup_epochs=4, decay=(2, 6))
+    s = TfFDConfig(warmup_epochs=4, decay=(2, 6)).multiplier
     assert s(1) == pytest.approx(0.5 * 1.0) and s(4) == pytest.approx(1.0 * 0.5)
+
+
+def test_config_round_trip_and_defaults():
+    config = TfFDConfig('inter,intra', stages=[1, 3], options=dict(pairs='adjacent'), weights={'intra': 0.1},
+                        decay=[5, 9])
+    assert config.methods == ('inter', 'intra') and config.stages == (1, 3) and config.decay == (5., 9.)
+    assert config.options == dict(pairs='adjacent', direction='top-down', saliency='norm', detach_salient=False)
+    assert config.weights == {'inter': 0.005, 'intra': 0.1}
+    state = config.to_dict()
+    assert state['methods'] == ['inter', 'intra'] and state['stages'] == [1, 3] and state['decay'] == [5., 9.]
+    assert TfFDConfig.from_dict(state) == config
+    model = wrap(timm.create_model('test_resnet', num_classes=5), config)
+    assert timm_tffd.get_tffd_state(model).config is config
+    assert TfFDLoss(nn.CrossEntropyLoss(), model).weights == {'inter': 0.005, 'intra': 0.1}
 
 
 def test_stages_preact_and_hooks():
@@ -204,33 +247,34 @@ def test_token_models_give_nchw_views_of_timm_maps(family):
         assert g.shape == w.shape and g._is_view()  # a view of the tokens, not a copy
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
+
 def test_task_dict_state_and_ema():
     model, x = _create('resnet')
-    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd='inter', weights={'inter': 0.01}, warmup_epochs=10,
-                    method_options=dict(pairs='adjacent'), verbose=False)
+    config = TfFDConfig('inter', weights={'inter': 0.01}, warmup_epochs=10, options=dict(pairs='adjacent'))
+    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=config, verbose=False)
     task.set_epoch(4)
     task.setup_ema(decay=0.9)
     task.train()
     result = task(x, torch.zeros(4, dtype=torch.long))
-    assert set(result) == {'loss', 'output', 'base_loss', 'tffd_inter'}
+    assert set(result) == {'loss', 'output', 'base_loss', 'tffd', 'tffd_inter'}
     torch.testing.assert_close(result['loss'], result['base_loss'] + 0.5 * 0.01 * result['tffd_inter'])
     result['loss'].backward()
     task.update_ema()
     ckpt = task.get_checkpoint_state()
     assert list(ckpt['state_dict']) == list(timm.create_model('test_resnet', num_classes=5).state_dict())
-    assert ckpt['task_state']['tffd']['epoch'] == 4
+    assert ckpt['task_state']['tffd'] == {'config': config.to_dict(), 'epoch': 4}
     ema_state = task.get_checkpoint_state(ema=True)['state_dict_ema']
     assert list(ema_state) == list(ckpt['state_dict'])
-    other = TfFDTask(timm.create_model('test_resnet', num_classes=5), nn.CrossEntropyLoss(), tffd='inter',
-                     weights={'inter': 0.01}, warmup_epochs=10, method_options=dict(pairs='adjacent'), verbose=False)
+    other = TfFDTask(timm.create_model('test_resnet', num_classes=5), nn.CrossEntropyLoss(),
+                     tffd=TfFDConfig.from_dict(ckpt['task_state']['tffd']['config']), verbose=False)
     other.load_checkpoint_state(ckpt['state_dict'], ckpt['task_state'])
-    assert other.criterion.epoch == 4 and other.criterion.multiplier == pytest.approx(0.5)
+    assert other.tffd_loss.epoch == 4 and other.tffd_loss.multiplier == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize('family', ['resnet', 'vit'])  # vit: token views and the O(L) run of equal-shape maps
 def test_task_compiles(family):
     model, x = _create(family)
-    task = TfFDTask(model, nn.CrossEntropyLoss(), warmup_epochs=0, verbose=False)
+    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=TfFDConfig(warmup_epochs=0), verbose=False)
     eager = copy.deepcopy(task).train()
     task.compile(backend='aot_eager')
     task.train()
@@ -254,11 +298,15 @@ class _NoFeatureInfo(nn.Module):
     (lambda m: wrap(m, 'inter', saliency='l1'), r"belongs to method\(s\) \['intra'\]"),
     (lambda m: wrap(m, sailency='l1'), "unknown Tf-FD option 'sailency'"),
     (lambda m: wrap(m, 'intra', saliency='magic'), 'unknown saliency'),
-    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m), weights={'inter': -1.}), 'must be >= 0'),
+    (lambda m: wrap(m, weights={'inter': -1.}), 'must be >= 0'),
+    (lambda m: wrap(m, weights={'inter': float('nan')}), 'must be >= 0'),
     (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m, 'inter')), None),
-    (lambda m: TfFDLoss(nn.CrossEntropyLoss(), wrap(m, 'inter'), weights={'intra': 1.}), 'not among the wrapped'),
+    (lambda m: wrap(m, 'inter', weights={'intra': 1.}), 'not among the selected'),
     (lambda m: TfFDLoss(nn.CrossEntropyLoss(), m), 'not wrapped'),
-    (lambda m: TfFDSchedule(decay=(5, 2)), 'start < end'),
+    (lambda m: wrap(m, decay=(5, 2)), 'start < end'),
+    (lambda m: wrap(m, warmup_epochs=-1), 'warmup_epochs must be >= 0'),
+    (lambda m: wrap(m, TfFDConfig(), stages=[1, 2]), 'either a TfFDConfig or separate settings'),
+    (lambda m: TfFDTask(wrap(m), tffd='inter', verbose=False), 'already wrapped'),
     (lambda m: wrap(wrap(m)), 'already wrapped'),
 ])
 def test_bad_input(call, match):

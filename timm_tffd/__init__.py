@@ -1,7 +1,8 @@
 """timm_tffd: Teacher-free Feature Distillation (and its family) as drop-in regularizers for timm models."""
 from . import models  # registers the CIFAR zoo with timm
 from .checkpoint import AtomicCheckpointSaver
-from .criterion import TfFDLoss, TfFDSchedule
+from .config import TfFDConfig
+from .criterion import TfFDLoss
 from .data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST
 from .data.subset import SampledSubset
 from .features import FeatureTaps, resolve_stages
@@ -18,7 +19,7 @@ from .methods import MethodContext, get_method, list_methods, register_method
 from .pretrained import HUB_ORG, create_model, list_pretrained, resolve_pretrained_name
 from .self_distill import SelfDistill, parse_tau
 from .sfd import SFDTask, SFDTrainableModule
-from .task import TfFDTask
+from .task import TfFDTask, TfFDTaskMixin
 from .teacher import SFDTeacher, create_teacher, load_teacher_checkpoint
 from .version import __version__
-from .wrap import get_tffd_state, is_wrapped, unwrap, wrap
+from .wrap import get_tffd_state, is_wrapped, tapped_features, unwrap, wrap

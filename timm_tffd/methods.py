@@ -1,13 +1,13 @@
 """Registry of feature self-distillation methods selectable with ``tffd='inter,intra,...'``.
 
 A method is built once per wrapped model from a ``MethodContext`` (the model and its tapped stages) and keyword
-options, and returns a callable ``features -> scalar loss``. ``wrap()`` routes each option to the methods whose builder
-names it, so ``wrap(model, 'inter,intra', pairs='adjacent', saliency='entropy')`` configures both methods.
+options, and returns a callable ``features -> scalar loss``. ``TfFDConfig`` routes each option to the methods whose
+builder names it, so ``wrap(model, 'inter,intra', pairs='adjacent', saliency='entropy')`` configures both methods.
 """
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,7 @@ from .losses.intra import intra_layer_loss
 from .losses.many_to_one import channel_groups, many_to_one_loss
 from .losses.saliency import MODEL_SALIENCY, bn_scale_saliency, get_saliency
 
-__all__ = ['MethodContext', 'TfFDMethod', 'register_method', 'get_method', 'list_methods', 'parse_methods',
-           'method_options']
+__all__ = ['MethodContext', 'TfFDMethod', 'register_method', 'get_method', 'list_methods', 'parse_methods']
 
 LossFn = Callable[[List[torch.Tensor]], torch.Tensor]
 
@@ -88,12 +87,10 @@ def parse_methods(tffd) -> List[str]:
     return names
 
 
-def method_options(names: Sequence[str]) -> Dict[str, object]:
-    """Every option of the given methods with its default."""
-    out = {}
-    for n in names:
-        out.update(get_method(n).options())
-    return out
+def _check_two_stages(ctx: MethodContext, method: str):
+    if len(ctx.indices) < 2:
+        raise ValueError(f'{method} needs at least two stages, got {len(ctx.indices)} (stages {ctx.indices}: '
+                         f'{ctx.modules})')
 
 
 class InterLayer:
@@ -118,9 +115,7 @@ class IntraLayer:
 
 
 def _build_inter(ctx: MethodContext, pairs: str = 'all', direction: str = 'top-down') -> LossFn:
-    if len(ctx.indices) < 2:
-        raise ValueError(f'inter-layer Tf-FD needs at least two stages, got {len(ctx.indices)} '
-                         f'(stages {ctx.indices}: {ctx.modules})')
+    _check_two_stages(ctx, 'inter-layer Tf-FD')
     inter_layer_pairs(len(ctx.indices), pairs, direction)  # validates the names
     return InterLayer(pairs, direction)
 
@@ -137,19 +132,13 @@ def _build_intra(ctx: MethodContext, saliency: str = 'norm', detach_salient: boo
 
 
 # Default weights: the reference code's argparse defaults (lambda_inter = 0.005, lambda_intra = 0.0004), which are
-# also seed 001's alpha and beta. Its README's example command uses 0.0005 / 0.0008 instead.
+# also alpha and beta of TFD (Li et al., IJCNN 2022). The reference README's example command uses 0.0005 / 0.0008.
 register_method('inter', _build_inter, 0.005, 'deep stage outputs supervise shallow ones (l2)')
 register_method('intra', _build_intra, 0.0004, 'salient channels supervise redundant ones in the same stage (l2)')
 
 
-def _check_two_stages(ctx: MethodContext, method: str):
-    if len(ctx.indices) < 2:
-        raise ValueError(f'{method} needs at least two stages, got {len(ctx.indices)} (stages {ctx.indices}: '
-                         f'{ctx.modules})')
-
-
-# Seed 002 names EMD-l2 matching and many-to-one distillation without their settings. The pairs default to inter's
-# 'all' (the reference code); the solver and remainder defaults are discussed in losses/emd.py and many_to_one.py.
+# SFR (Fan, 2021) names EMD-l2 matching and many-to-one distillation without their settings. The pairs default to
+# inter's 'all' (the reference code); the solver and remainder defaults are documented in docs/sfr.md.
 def _build_emd(
         ctx: MethodContext,
         emd_grid: Optional[int] = None,
@@ -179,10 +168,7 @@ def _build_m2o(ctx: MethodContext, m2o_pairs: str = 'all', m2o_remainder: str = 
     return fn
 
 
-# Default weights: inter's 0.005 for both (seed 002 gives none). With the deep side detached, all three losses give a
-# shallow value the gradient 2 (s - target) / numel, the target being one deep channel at the same position for inter,
-# the mean of a deep channel group for m2o, and the plan-weighted average of the matched deep descriptors for EMD. The
-# values share inter's scale too: EMD is at most inter's value for the same pair (up to the entropic bias), m2o is the
-# mse to the group mean plus a constant. Equal weights give the three terms the same strength.
+# Default weights: inter's 0.005 for both (SFR gives none); docs/sfr.md explains why equal weights give the three
+# l2 terms the same strength.
 register_method('emd', _build_emd, 0.005, 'deep local descriptors supervise shallow ones up to a matching (EMD-l2)')
 register_method('m2o', _build_m2o, 0.005, 'each shallow channel is supervised by a group of deep channels (l2)')

@@ -1,12 +1,15 @@
-"""SD / RSD: SFD's end-of-epoch self-distillation of the parameters (seed 004, section 3.3, eqs. 8 and 9).
+"""SD / RSD: the end-of-epoch self-distillation of the parameters of SFD (Pei et al., IJCAI 2021), section 3.3,
+eqs. 8 and 9.
 
 After epoch ``t >= 2``: ``theta_t <- tau * theta_t + (1 - tau) * theta'_{t-1}``, where ``theta'_{t-1}`` is the previous
 epoch's weights (SD, eq. 8), horizontally flipped with probability 0.5 (RSD, eq. 9). ``tau`` ramps linearly from
-0.995 to 0.999 over the epochs (seed 004, Table 2).
+0.995 to 0.999 over the epochs (SFD, Table 2).
 
-What the paper leaves open, and what this module does:
+``SelfDistill`` is a step of the training loop, like timm's EMA update: it composes with any task (plain
+classification, Tf-FD, logit KD, SFD) and is given the task's trainable module. What the paper leaves open, and what
+this module does:
 
-* ``theta`` is every trainable parameter of the module (the student and, under SFD, its integrator: seed 004 writes
+* ``theta`` is every trainable parameter of the module (the student and, under SFD, its integrator: SFD writes
   one ``theta`` for encoder, integrator and predictor) plus its floating-point persistent buffers (BN running mean and
   variance), mixed with the same ``tau`` as timm's ``ModelEma`` does. Integer buffers (``num_batches_tracked``) and
   frozen parameters are left alone.
@@ -19,8 +22,10 @@ What the paper leaves open, and what this module does:
 * One flip draw per update for the whole network (a flipped network, not per-tensor flips). The draw is a function
   of ``(seed, epoch)`` and is broadcast from rank 0 under ``torch.distributed``, so every rank applies the same update
   even when each rank was seeded differently.
-* ``state_dict`` carries the settings, the last updated epoch and the snapshot ``theta_{t-1}``, so a resumed run
-  continues the same trajectory (the snapshot adds one copy of the weights to the checkpoint's task state).
+* After each step the snapshot ``theta_{t-1}`` equals the module's weights, so a checkpoint written after the step
+  holds it already: ``resume(epoch)`` rebuilds it from the loaded weights and the run continues the same trajectory
+  (the training script does this). ``state_dict`` / ``load_state_dict`` carry the snapshot for loops that checkpoint
+  at other moments.
 """
 import logging
 import random
@@ -39,7 +44,7 @@ SELF_DISTILL_MODES = ('sd', 'rsd')
 
 def parse_tau(value: Union[str, float, Sequence[float]]) -> Tuple[float, float]:
     """Parse a tau range: ``'0.995,0.999'``, ``'0.997'`` (constant), a float or a pair. Both ends must lie in
-    ``(0, 1]`` with ``start <= end`` (the ramp follows the settling weights: seed 004, Table 2)."""
+    ``(0, 1]`` with ``start <= end`` (the ramp follows the settling weights: SFD, Table 2)."""
     if isinstance(value, str):
         try:
             parts = [float(v) for v in value.split(',')]
@@ -70,7 +75,7 @@ class SelfDistill:
         module: The trained module (DDP / compile wrappers are fine: the parameters are shared).
         mode: ``'sd'`` (eq. 8) or ``'rsd'`` (eq. 9, the paper's best).
         tau: ``(start, end)`` or anything ``parse_tau`` reads; linear in the epoch from ``start`` (epoch 0) to ``end``
-            (epoch ``num_epochs - 1``). Default 0.995 -> 0.999 (seed 004, Table 2).
+            (epoch ``num_epochs - 1``). Default 0.995 -> 0.999 (SFD, Table 2).
         num_epochs: Length of the ramp; needed when ``start != end``.
         flip_prob: RSD flip probability (0.5 in the paper).
         seed: Seed of the flip draws; the draw for an epoch depends only on ``(seed, epoch)``.
@@ -159,6 +164,13 @@ class SelfDistill:
             info.update(tau=tau, flipped=flip, updated=True)
         self.last_epoch = epoch
         return info
+
+    @torch.no_grad()
+    def resume(self, epoch: int):
+        """Continue after (0-based) ``epoch`` from weights saved right after that epoch's ``step``: the snapshot is
+        the module's current weights (see the module docstring)."""
+        self.prev = {name: t.detach().clone() for name, t in self.tensors().items()}
+        self.last_epoch = epoch
 
     def state_dict(self) -> Dict[str, object]:
         return {

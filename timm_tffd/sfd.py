@@ -1,8 +1,8 @@
-"""``SFDTask``: Self-boosting Feature Distillation (seed 004) as a timm ``TrainingTask``.
+"""``SFDTask``: Self-boosting Feature Distillation (SFD, Pei et al., IJCAI 2021) as a timm ``TrainingTask``.
 
-``loss = base(logits, y) [+ Tf-FD terms] + sfd_weight * L_distill(integrator(student stages), teacher feature)``,
-plus the SD / RSD parameter update after every epoch (``on_train_epoch_end``). Each part is optional: with no teacher the task
-is SD / RSD (and Tf-FD when the student is wrapped) alone.
+``loss = base(logits, y) + sfd_weight * L_distill(integrator(student stages), teacher feature)`` (eq. 10), plus the
+Tf-FD terms when the student is wrapped. SFD's end-of-epoch self-distillation (SD / RSD) is ``SelfDistill``, a
+separate step that composes with this task as with any other.
 
 The integrator trains inside ``SFDTrainableModule`` with the student (so DDP and the optimizer see it) but is not part
 of the exported model: ``get_eval_model`` and the checkpoint's ``state_dict`` are the plain timm student, and the
@@ -22,9 +22,9 @@ from .criterion import TfFDLoss
 from .features import FeatureTaps, resolve_stages
 from .integrators import INTEGRATORS, create_integrator
 from .losses.margin import MarginL2Loss
-from .self_distill import SelfDistill
+from .task import TfFDSetting, TfFDTaskMixin, wrap_student
 from .teacher import SFDTeacher, create_teacher
-from .wrap import get_tffd_state, is_wrapped
+from .wrap import get_tffd_state, is_wrapped, tapped_features
 
 __all__ = ['SFDTask', 'SFDTrainableModule', 'MAX_UPSAMPLE']
 
@@ -44,17 +44,17 @@ class SFDTrainableModule(FeatureDistillationTrainableModule):
     Args:
         student: The timm student, optionally Tf-FD wrapped (then the stage features are read from the Tf-FD taps of
             the same forward pass).
-        integrator: An SFD integrator, or ``None`` (no teacher: ``forward`` returns ``(logits, None)``).
+        integrator: An SFD integrator.
         stages: ``feature_info`` indices the integrator reads, shallow to deep.
     """
 
-    def __init__(self, student: nn.Module, integrator: Optional[nn.Module] = None, stages: Sequence[int] = ()):
+    def __init__(self, student: nn.Module, integrator: nn.Module, stages: Sequence[int]):
         super().__init__(student, projection=None)
         self.integrator = integrator
         self.stages = list(stages)
-        self._taps = FeatureTaps(student, self.stages) if integrator is not None else None
+        self._taps = FeatureTaps(student, self.stages)
         self._tffd_positions = None
-        if integrator is not None and is_wrapped(student):
+        if is_wrapped(student):
             tapped = get_tffd_state(student).taps.indices
             missing = [s for s in self.stages if s not in tapped]
             if missing:
@@ -67,13 +67,11 @@ class SFDTrainableModule(FeatureDistillationTrainableModule):
             self,
             input: torch.Tensor,
             size: Optional[Tuple[int, int]] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return ``(logits, integrated feature or None)``; ``size`` is the teacher map's ``(h, w)``."""
-        if self.integrator is None:
-            return self.student(input), None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits, integrated feature)``; ``size`` is the teacher map's ``(h, w)``."""
         if self.training and self._tffd_positions is not None:
-            logits = self.student(input)  # the Tf-FD forward leaves its stage features in the stash
-            feats = get_tffd_state(self.student).stash.features
+            logits = self.student(input)
+            feats = tapped_features(self.student)  # the stage maps of the same Tf-FD forward
             feats = [feats[p] for p in self._tffd_positions]
         else:
             logits, feats = self._taps.forward(self.student, input)
@@ -85,27 +83,24 @@ def _student_norm(student: nn.Module, key: str, value: Optional[Sequence[float]]
     return torch.tensor(value, dtype=torch.float32).view(1, -1, 1, 1)
 
 
-class SFDTask(TrainingTask):
-    """SFD feature distillation and / or SD / RSD self-distillation, optionally on a Tf-FD wrapped student.
+class SFDTask(TfFDTaskMixin, TrainingTask):
+    """SFD feature distillation from a teacher, optionally on a Tf-FD wrapped student.
 
     Args:
-        student_model: The timm student (optionally wrapped with ``timm_tffd.wrap``: its Tf-FD terms add in).
-        teacher: ``None`` (no SFD loss), a timm / ``hf-hub:`` model name, an ``nn.Module`` or a
-            ``DistillationTeacher``. Any architecture with ``feature_info`` (heterogeneous pairs work).
+        student_model: The timm student; wrapped with Tf-FD here when ``tffd`` is given, or already wrapped.
+        teacher: A timm / ``hf-hub:`` model name, an ``nn.Module`` or a ``DistillationTeacher``. Any architecture with
+            ``feature_info`` (heterogeneous pairs work).
         teacher_checkpoint: Weights for a teacher given by name (file or ``hf-hub:``), checked by
             ``load_teacher_checkpoint``.
-        integrator: ``'ri'`` (seed 004's default), ``'li'`` or ``'ai'``.
-        sfd_weight: Weight of the distillation loss; 3 in seed 004.
+        integrator: ``'ri'`` (the paper's default), ``'li'`` or ``'ai'``.
+        sfd_weight: Weight of the distillation loss; 3 in SFD.
         normalizer: Divisor of the batch-mean eq. 10 sum (see ``margin_l2_loss``).
-        teacher_stage: ``feature_info`` index of the distilled teacher stage (the last one in seed 004).
-        self_distill: ``None``, ``'sd'`` or ``'rsd'`` (see ``SelfDistill``).
-        sd_tau: tau range of SD / RSD (``'START,END'`` or a pair); 0.995 -> 0.999 in seed 004.
-        num_epochs: Training length, for the tau ramp.
-        sd_seed: Seed of the RSD flip draws (under DDP, rank 0's draw is used on every rank).
+        teacher_stage: ``feature_info`` index of the distilled teacher stage (the last one in SFD).
         criterion: Base classification loss; ``None`` creates one from ``criterion_kwargs`` like timm's tasks.
         criterion_kwargs: Arguments for ``timm.loss.create_classification_loss``.
-        tffd_kwargs: ``TfFDLoss`` options (``weights``, ``warmup_epochs``, ``decay``, ``check_finite``) for a wrapped
-            student.
+        tffd: Tf-FD on the student: method names or a ``TfFDConfig`` (``None``: none, or the wrap's settings for an
+            already wrapped student).
+        check_finite: See ``TfFDLoss``.
         student_mean: Normalization mean of the student's input pipeline; default the student's ``pretrained_cfg``.
         student_std: Normalization std of the student's input pipeline.
         teacher_mean: Normalization mean the teacher was trained with; default its ``pretrained_cfg``.
@@ -118,19 +113,16 @@ class SFDTask(TrainingTask):
     def __init__(
             self,
             student_model: nn.Module,
-            teacher: Optional[Union[str, nn.Module, DistillationTeacher]] = None,
+            teacher: Union[str, nn.Module, DistillationTeacher],
             teacher_checkpoint: Optional[str] = None,
             integrator: str = 'ri',
             sfd_weight: float = 3.,
             normalizer: float = 1000.,
             teacher_stage: int = -1,
-            self_distill: Optional[str] = None,
-            sd_tau: Union[str, Sequence[float]] = (0.995, 0.999),
-            num_epochs: Optional[int] = None,
-            sd_seed: int = 0,
             criterion: Optional[nn.Module] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
-            tffd_kwargs: Optional[Dict[str, Any]] = None,
+            tffd: TfFDSetting = None,
+            check_finite: bool = True,
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             teacher_mean: Optional[Sequence[float]] = None,
@@ -142,68 +134,52 @@ class SFDTask(TrainingTask):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if isinstance(student_model, nn.parallel.DistributedDataParallel):
             raise ValueError('pass the plain student; SFDTask.prepare_distributed() wraps it in DDP')
+        if teacher is None:
+            raise ValueError('SFD needs a teacher; for SD / RSD without one, use timm_tffd.SelfDistill with any task')
         if not sfd_weight >= 0:
             raise ValueError(f'sfd_weight must be >= 0, got {sfd_weight}')
         student = student_model
+        if tffd is not None or is_wrapped(student):
+            student = wrap_student(student, tffd)
 
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        if is_wrapped(student):
-            self.tffd = TfFDLoss(self.criterion, student, **(tffd_kwargs or {}))
-        elif tffd_kwargs:
-            raise ValueError('tffd_kwargs given, but the student is not wrapped with timm_tffd.wrap()')
-        else:
-            self.tffd = None
+        self.tffd_loss = TfFDLoss(self.criterion, student, check_finite) if is_wrapped(student) else None
 
-        self.integrator_name = None
-        integrator_module, stages = None, []
-        if teacher is None:
-            if teacher_checkpoint is not None:
-                raise ValueError('teacher_checkpoint given without a teacher')
-            self.teacher = None
-        else:
-            if not isinstance(teacher, DistillationTeacher):
-                plain = unwrap_model(student)
-                teacher = create_teacher(
-                    teacher, teacher_checkpoint, num_classes=getattr(plain, 'num_classes', None),
-                    in_chans=getattr(plain, 'in_chans', 3), mean=teacher_mean, std=teacher_std,
-                    device=self.device, dtype=self.dtype)
-            elif teacher_checkpoint is not None or teacher_mean is not None or teacher_std is not None:
-                raise ValueError('teacher_checkpoint / teacher_mean / teacher_std apply to a teacher created here, '
-                                 'not to a DistillationTeacher')
-            self.teacher = SFDTeacher(teacher, stage=teacher_stage)
-            self.integrator_name = str(integrator).lower()
-            if self.integrator_name not in INTEGRATORS:
-                raise ValueError(f'unknown SFD integrator {integrator!r}; valid: {", ".join(INTEGRATORS)}')
-            stages = self._student_stages(student, INTEGRATORS[self.integrator_name].num_stages)
-            self._check_reach(student, stages)
-            info = student.feature_info
-            input_size = unwrap_model(student).pretrained_cfg.get('input_size', (3, 224, 224))
-            nominal = [max(math.ceil(s / self.teacher.reduction), 1) for s in input_size[-2:]]
-            integrator_module = create_integrator(
-                self.integrator_name, [info[i]['num_chs'] for i in stages], (self.teacher.channels, *nominal))
-            integrator_module.to(device=self.device, dtype=self.dtype)
-            self.register_buffer('student_mean', _student_norm(student, 'mean', student_mean).to(self.device),
-                                 persistent=False)
-            self.register_buffer('student_std', _student_norm(student, 'std', student_std).to(self.device),
-                                 persistent=False)
+        if not isinstance(teacher, DistillationTeacher):
+            plain = unwrap_model(student)
+            teacher = create_teacher(
+                teacher, teacher_checkpoint, num_classes=getattr(plain, 'num_classes', None),
+                in_chans=getattr(plain, 'in_chans', 3), mean=teacher_mean, std=teacher_std,
+                device=self.device, dtype=self.dtype)
+        elif teacher_checkpoint is not None or teacher_mean is not None or teacher_std is not None:
+            raise ValueError('teacher_checkpoint / teacher_mean / teacher_std apply to a teacher created here, '
+                             'not to a DistillationTeacher')
+        self.teacher = SFDTeacher(teacher, stage=teacher_stage)
+        self.integrator_name = str(integrator).lower()
+        if self.integrator_name not in INTEGRATORS:
+            raise ValueError(f'unknown SFD integrator {integrator!r}; valid: {", ".join(INTEGRATORS)}')
+        stages = self._student_stages(student, INTEGRATORS[self.integrator_name].num_stages)
+        self._check_reach(student, stages)
+        info = student.feature_info
+        input_size = unwrap_model(student).pretrained_cfg.get('input_size', (3, 224, 224))
+        nominal = [max(math.ceil(s / self.teacher.reduction), 1) for s in input_size[-2:]]
+        integrator_module = create_integrator(
+            self.integrator_name, [info[i]['num_chs'] for i in stages], (self.teacher.channels, *nominal))
+        integrator_module.to(device=self.device, dtype=self.dtype)
+        self.register_buffer('student_mean', _student_norm(student, 'mean', student_mean).to(self.device),
+                             persistent=False)
+        self.register_buffer('student_std', _student_norm(student, 'std', student_std).to(self.device),
+                             persistent=False)
         self.sfd_weight = sfd_weight
         self.sfd_loss = MarginL2Loss(normalizer)
         self.trainable_module = SFDTrainableModule(student, integrator_module, stages)
-        self.self_distill = None
-        if self_distill is not None:
-            self.self_distill = SelfDistill(self.trainable_module, self_distill, sd_tau, num_epochs, seed=sd_seed)
 
         if self.verbose:
-            parts = []
-            if self.teacher is not None:
-                t = self.teacher
-                parts.append(f'SFD integrator={self.integrator_name} on student stages {stages}, teacher stage '
-                             f'{t.module_name} ({t.channels} ch, margin={t.margin_kind}), weight={sfd_weight}')
-            if self.self_distill is not None:
-                parts.append(f'{self_distill.upper()} tau={self.self_distill.tau}')
-            if self.tffd is not None:
-                parts.append(f'Tf-FD {self.tffd.weights}')
-            _logger.info(f'SFDTask: {"; ".join(parts) or "plain classification"}')
+            t = self.teacher
+            _logger.info(f'SFDTask: integrator={self.integrator_name} on student stages {stages}, teacher stage '
+                         f'{t.module_name} ({t.channels} ch, margin={t.margin_kind}), weight={sfd_weight}')
+            if self.tffd_loss is not None:
+                self._log_tffd('SFDTask')
 
     @staticmethod
     def _student_stages(student: nn.Module, num_stages: int) -> List[int]:
@@ -227,29 +203,13 @@ class SFDTask(TrainingTask):
     def train(self, mode: bool = True) -> 'SFDTask':
         """Set the training mode; the teacher stays in eval mode."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        self.teacher.eval()
         return self
-
-    def set_epoch(self, epoch: float):
-        """Set the epoch for the Tf-FD weight schedule or an epoch-aware base loss (call at every epoch start)."""
-        if self.tffd is not None:
-            self.tffd.set_epoch(epoch)
-        elif hasattr(self.criterion, 'set_epoch'):
-            self.criterion.set_epoch(epoch)
-
-    def on_train_epoch_end(self, epoch: int) -> Optional[Dict[str, object]]:
-        """Apply SD / RSD after (0-based) ``epoch``: call after training, before validation and checkpointing.
-        Returns the update's ``tau`` / ``flipped`` / ``updated`` (``None`` without self-distillation)."""
-        if self.self_distill is None:
-            return None
-        return self.self_distill.step(epoch)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'SFDTask':
         """Wrap student + integrator in DDP; the teacher stays unwrapped and frozen."""
         from torch.nn.parallel import DistributedDataParallel as DDP
-        if self.teacher is not None:
-            self.teacher.requires_grad_(False)
+        self.teacher.requires_grad_(False)
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
@@ -257,8 +217,7 @@ class SFDTask(TrainingTask):
         """Compile the student (eval), student + integrator (train) and the teacher's feature path."""
         self.eval_model = torch.compile(self.trainable_module.student, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        if self.teacher is not None:
-            self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
+        self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
         return self.eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
@@ -276,29 +235,20 @@ class SFDTask(TrainingTask):
         parameters = list(trainable.student.parameters())
         if exclude_head:
             parameters = parameters[:-2]
-        if trainable.integrator is not None:
-            parameters.extend(trainable.integrator.parameters())
+        parameters.extend(trainable.integrator.parameters())
         return parameters
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """``sfd``: integrator weights (and the empirical margin), ``self_distill``: the SD / RSD state, ``tffd``:
-        the Tf-FD epoch. The EMA task state holds only the EMA integrator."""
+        """``sfd``: the integrator weights (and the empirical margin); ``tffd``: the Tf-FD config and epoch. The EMA
+        task state holds only the EMA integrator."""
+        state = super().get_task_state(module=module, ema=ema)
         module = module if module is not None else self.get_trainable_module(ema=ema)
         if module is None:
-            return {}
-        trainable = unwrap_model(module)
-        state, sfd = {}, {}
-        if trainable.integrator is not None:
-            sfd.update(integrator=self.integrator_name, integrator_state=trainable.integrator.state_dict())
-        if not ema:
-            if self.teacher is not None and self.teacher.empirical is not None:
-                sfd['empirical_margin'] = self.teacher.empirical.state_dict()
-            if self.self_distill is not None:
-                state['self_distill'] = self.self_distill.state_dict()
-            if self.tffd is not None:
-                state['tffd'] = {'epoch': self.tffd.epoch}
-        if sfd:
-            state['sfd'] = sfd
+            return state
+        sfd = {'integrator': self.integrator_name, 'integrator_state': unwrap_model(module).integrator.state_dict()}
+        if not ema and self.teacher.empirical is not None:
+            sfd['empirical_margin'] = self.teacher.empirical.state_dict()
+        state['sfd'] = sfd
         return state
 
     def load_task_state(
@@ -308,52 +258,37 @@ class SFDTask(TrainingTask):
             module: Optional[nn.Module] = None,
             ema: bool = False,
     ) -> None:
+        super().load_task_state(state, strict=strict, module=module, ema=ema)
         if not state:
             return
         module = module if module is not None else self.get_trainable_module(ema=ema)
         if module is None:
             raise RuntimeError('Cannot load EMA task state before setup_ema().' if ema else
                                'Cannot load task state without a trainable module.')
-        trainable = unwrap_model(module)
         sfd = state.get('sfd', {})
-        if 'integrator_state' in sfd:
-            if trainable.integrator is None:
-                if strict:
-                    raise RuntimeError(f'the checkpoint has an SFD integrator ({sfd.get("integrator")}), but this '
-                                       f'task has no teacher')
-            elif sfd.get('integrator') != self.integrator_name:
-                raise ValueError(f'the checkpoint was trained with the {sfd.get("integrator")!r} integrator, this '
-                                 f'task uses {self.integrator_name!r}')
-            else:
-                trainable.integrator.load_state_dict(sfd['integrator_state'], strict=strict)
-        elif trainable.integrator is not None:
+        if 'integrator_state' not in sfd:
             _logger.warning('the checkpoint has no SFD integrator state: the integrator starts from scratch')
-        if ema:
-            return
-        if 'empirical_margin' in sfd and self.teacher is not None and self.teacher.empirical is not None:
+        elif sfd.get('integrator') != self.integrator_name:
+            raise ValueError(f'the checkpoint was trained with the {sfd.get("integrator")!r} integrator, this '
+                             f'task uses {self.integrator_name!r}')
+        else:
+            unwrap_model(module).integrator.load_state_dict(sfd['integrator_state'], strict=strict)
+        if not ema and 'empirical_margin' in sfd and self.teacher.empirical is not None:
             self.teacher.empirical.load_state_dict(sfd['empirical_margin'])
-        if self.self_distill is not None and 'self_distill' in state:
-            self.self_distill.load_state_dict(state['self_distill'])
-        if self.tffd is not None and 'tffd' in state:
-            self.tffd.set_epoch(state['tffd']['epoch'])
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Return ``loss``, ``output``, ``base_loss``, ``sfd`` (with a teacher) and the ``tffd_*`` terms (wrapped
-        student, training mode)."""
-        size = teacher_feature = margin = None
-        if self.teacher is not None:
-            teacher_feature, margin = self.teacher(
-                input, self.student_mean, self.student_std, update_margin=self.training)
-            size = tuple(teacher_feature.shape[-2:])
-        output, integrated = self.trainable_module(input, size)
-        if self.tffd is not None and self.training:
-            result = self.tffd.compute(output, target)
+        """Return ``loss``, ``output``, ``base_loss``, ``sfd`` and, for a wrapped student in training mode,
+        ``tffd`` and the ``tffd_*`` terms."""
+        teacher_feature, margin = self.teacher(
+            input, self.student_mean, self.student_std, update_margin=self.training)
+        output, integrated = self.trainable_module(input, tuple(teacher_feature.shape[-2:]))
+        if self.tffd_loss is not None and self.training:
+            result = self.tffd_loss.compute(output, target)
         else:
             base = self.criterion(output, target)
             result = {'loss': base, 'base_loss': base}
-        if integrated is not None:
-            sfd = self.sfd_loss(integrated, teacher_feature, margin)
-            result['loss'] = result['loss'] + self.sfd_weight * sfd
-            result['sfd'] = sfd
+        sfd = self.sfd_loss(integrated, teacher_feature, margin)
+        result['loss'] = result['loss'] + self.sfd_weight * sfd
+        result['sfd'] = sfd
         result['output'] = output
         return result

@@ -1,38 +1,80 @@
-"""timm ``TrainingTask`` that trains a classifier with Tf-FD.
+"""timm ``TrainingTask`` that trains a classifier with Tf-FD, and the Tf-FD part shared by every task.
 
-It plugs into timm's task machinery unchanged: ``prepare_distributed`` (DDP), ``compile``, ``setup_ema`` /
-``update_ema``, and ``get_checkpoint_state`` (the saved ``state_dict`` is the plain timm model; ``task_state`` holds the
-Tf-FD configuration and epoch).
+``TfFDTask`` plugs into timm's task machinery unchanged: ``prepare_distributed`` (DDP), ``compile``, ``setup_ema`` /
+``update_ema``, and ``get_checkpoint_state`` (the saved ``state_dict`` is the plain timm model; ``task_state['tffd']``
+holds the Tf-FD configuration and epoch, in the same schema for every task).
 """
 import logging
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 
+from .config import TfFDConfig
 from .criterion import TfFDLoss
 from .wrap import is_wrapped, wrap
 
-__all__ = ['TfFDTask']
+__all__ = ['TfFDTask', 'TfFDTaskMixin', 'wrap_student']
 
 _logger = logging.getLogger(__name__)
 
+TfFDSetting = Union[None, str, Sequence[str], TfFDConfig]
 
-class TfFDTask(ClassificationTask):
+
+def wrap_student(model: nn.Module, tffd: TfFDSetting) -> nn.Module:
+    """``model`` with Tf-FD: wrapped here from ``tffd`` (method names or a ``TfFDConfig``), or already wrapped (then
+    ``tffd`` must be ``None``)."""
+    if is_wrapped(model):
+        if tffd is not None:
+            raise ValueError('the model is already wrapped with Tf-FD; pass tffd=None (its settings are the wrap\'s)')
+        return model
+    return wrap(model, tffd if tffd is not None else TfFDConfig())
+
+
+class TfFDTaskMixin:
+    """Tf-FD epoch, logging and checkpoint state for a timm task with a ``tffd_loss`` (``TfFDLoss`` or ``None``).
+
+    Put it before the timm task class: ``class MyTask(TfFDTaskMixin, ClassificationTask)``; the task sets
+    ``self.tffd_loss`` in its constructor.
+    """
+
+    def set_epoch(self, epoch: float):
+        """Set the epoch read by the Tf-FD weight schedule and an epoch-aware base loss (call before every epoch)."""
+        tffd_loss = getattr(self, 'tffd_loss', None)
+        if tffd_loss is not None:
+            tffd_loss.set_epoch(epoch)
+        elif hasattr(self.criterion, 'set_epoch'):
+            self.criterion.set_epoch(epoch)
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        state = dict(super().get_task_state(module=module, ema=ema))
+        tffd_loss = getattr(self, 'tffd_loss', None)
+        if not ema and tffd_loss is not None:
+            state['tffd'] = tffd_loss.task_state()
+        return state
+
+    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        super().load_task_state(state, strict=strict, module=module, ema=ema)
+        tffd_loss = getattr(self, 'tffd_loss', None)
+        if not ema and state and 'tffd' in state and tffd_loss is not None:
+            tffd_loss.load_task_state(state['tffd'])
+
+    def _log_tffd(self, name: str):
+        config = self.tffd_loss.config
+        _logger.info(f'{name}: Tf-FD {dict(config.weights)}, stages {self.tffd_loss.state.taps.modules}, '
+                     f'warmup_epochs={config.warmup_epochs}, decay={config.decay}, preact={config.preact}')
+
+
+class TfFDTask(TfFDTaskMixin, ClassificationTask):
     """Classification with Teacher-free Feature Distillation.
 
     Args:
         model: A timm model; wrapped here unless already wrapped.
         criterion: The base classification loss; ``None`` creates one from ``criterion_kwargs`` like
             ``ClassificationTask``.
-        tffd: Method names, e.g. ``'inter,intra'``.
-        weights: ``{method: lambda}``.
-        warmup_epochs: Linear warm-up of the Tf-FD weight (epochs).
-        decay: ``(start, end)`` early-decay epochs or ``None``.
-        stages: ``feature_info`` indices to tap.
-        preact: Tap pre-activation stage outputs.
-        method_options: Options routed to the methods (``pairs``, ``saliency``, ...).
+        tffd: Method names (``'inter,intra'``) or a ``TfFDConfig``; ``None`` for an already wrapped model, or the
+            default config.
         check_finite: See ``TfFDLoss``.
         criterion_kwargs, device, dtype, verbose: As in ``ClassificationTask``.
     """
@@ -41,49 +83,22 @@ class TfFDTask(ClassificationTask):
             self,
             model: nn.Module,
             criterion: Optional[nn.Module] = None,
-            tffd='inter,intra',
-            weights: Optional[Dict[str, float]] = None,
-            warmup_epochs: float = 20,
-            decay: Optional[Sequence[float]] = None,
-            stages: Optional[Sequence[int]] = None,
-            preact: bool = False,
-            method_options: Optional[Dict[str, Any]] = None,
+            tffd: TfFDSetting = None,
             check_finite: bool = True,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
-        if not is_wrapped(model):
-            model = wrap(model, tffd, stages=stages, preact=preact, **(method_options or {}))
+        model = wrap_student(model, tffd)
         super().__init__(model, criterion, criterion_kwargs=criterion_kwargs, device=device, dtype=dtype,
                          verbose=False)
-        self.criterion = TfFDLoss(self.criterion, model, weights, warmup_epochs, decay, check_finite)
+        self.tffd_loss = TfFDLoss(self.criterion, model, check_finite)
         if verbose:
-            _logger.info(f'TfFDTask: methods={self.criterion.weights}, warmup_epochs={warmup_epochs}, '
-                         f'decay={decay}, stages={self.criterion._state.taps.modules}, preact={preact}')
-
-    def set_epoch(self, epoch: float):
-        """Set the epoch read by the Tf-FD weight schedule (call at the start of every epoch)."""
-        self.criterion.set_epoch(epoch)
+            self._log_tffd('TfFDTask')
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         output = self.trainable_module(input)
-        result = self.criterion.compute(output, target)
+        result = self.tffd_loss.compute(output, target)
         result['output'] = output
         return result
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        if ema:
-            return {}
-        return {'tffd': {'epoch': self.criterion.epoch, 'weights': dict(self.criterion.weights),
-                         'config': dict(self.criterion._state.config)}}
-
-    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
-        if ema or not state or 'tffd' not in state:
-            return
-        saved = state['tffd']
-        self.criterion.set_epoch(saved['epoch'])
-        if saved.get('config') != self.criterion._state.config or saved.get('weights') != self.criterion.weights:
-            _logger.warning(f'Tf-FD settings differ from the checkpoint: checkpoint {saved.get("weights")} '
-                            f'{saved.get("config")}, now {self.criterion.weights} {self.criterion._state.config}')

@@ -7,7 +7,7 @@ Tf-FD terms, and leaves them for ``TfFDLoss`` to take exactly once. In eval mode
 untouched.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,10 @@ from timm.utils.model import unwrap_model
 
 from .features import FeatureTaps
 from .losses.sink import sink_features
-from .methods import MethodContext, get_method, method_options, parse_methods
+from .config import TfFDConfig
+from .methods import MethodContext, get_method
 
-__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'TfFDState', 'TfFDStash']
+__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'TfFDState', 'TfFDStash']
 
 _ATTR = '_tffd_state'
 
@@ -31,19 +32,30 @@ class TfFDStash:
 
 
 class TfFDState:
-    """Per-model Tf-FD state. A plain object, so it adds nothing to ``state_dict``."""
+    """Per-model Tf-FD state. A plain object, so it adds nothing to ``state_dict``.
 
-    def __init__(self, taps: FeatureTaps, methods: Dict[str, object], config: dict):
+    Args:
+        config: The resolved ``TfFDConfig``.
+        taps: The feature taps of the wrapped model.
+        methods: ``{name: loss_fn}`` built from the config.
+    """
+
+    def __init__(self, config: TfFDConfig, taps: FeatureTaps, methods: Dict[str, object]):
+        self.config = config
         self.taps = taps
         self.methods = methods
         # Autograd runs the node created last first. Terms whose backward writes whole maps at once (inter: its
         # pooling and its runs of equal-shape maps; m2o) are computed last: their gradients fill the maps' buffers
         # first and the other terms' (intra's, by channel index) are added into them in place.
         self.compute_order = sorted(methods, key=lambda n: getattr(methods[n], 'fused_backward', False))
-        self.config = config
         self.stash: Optional[TfFDStash] = None
 
+    def peek(self) -> Optional[TfFDStash]:
+        """What the last training forward left, without taking it (``None`` once taken)."""
+        return self.stash
+
     def take(self) -> Optional[TfFDStash]:
+        """What the last training forward left; the criterion takes it exactly once."""
         stash, self.stash = self.stash, None
         return stash
 
@@ -67,57 +79,67 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def wrap(
         model: nn.Module,
-        tffd='inter,intra',
+        tffd: Union[str, Sequence[str], TfFDConfig] = 'inter,intra',
         stages: Optional[Sequence[int]] = None,
         preact: bool = False,
+        weights: Optional[Dict[str, float]] = None,
+        warmup_epochs: float = 20,
+        decay: Optional[Sequence[float]] = None,
         **options,
 ) -> nn.Module:
     """Add Tf-FD to a timm model, in place; returns the same model.
 
     Args:
         model: A timm model with ``feature_info``.
-        tffd: Comma-separated method names (or a list): ``inter``, ``intra`` and any registered method.
+        tffd: Comma-separated method names (or a list): ``inter``, ``intra`` and any registered method; or a whole
+            ``TfFDConfig`` (then no other setting may be given).
         stages: ``feature_info`` indices to tap, shallow to deep; default every entry but the stem.
         preact: Tap stage outputs before their closing ReLU (ResNet-style stages).
+        weights: ``{method: lambda}``; methods not named keep their registered default.
+        warmup_epochs: Linear warm-up of the weights in epochs (20 in the reference code; 0 for none).
+        decay: ``(start, end)`` epochs of an early decay of the weights, or ``None``.
         **options: Method options, e.g. ``pairs``, ``direction`` (inter), ``saliency``, ``detach_salient`` (intra).
     """
+    if isinstance(tffd, TfFDConfig):
+        given = dict(stages=stages, preact=preact, weights=weights, warmup_epochs=warmup_epochs, decay=decay)
+        defaults = dict(stages=None, preact=False, weights=None, warmup_epochs=20, decay=None)
+        if options or given != defaults:
+            raise ValueError('wrap() takes either a TfFDConfig or separate settings, not both')
+        config = tffd
+    else:
+        config = TfFDConfig(tffd, stages=stages, preact=preact, options=options, weights=weights or {},
+                            warmup_epochs=warmup_epochs, decay=decay)
     model = unwrap_model(model)
     if is_wrapped(model):
         raise ValueError('model is already wrapped with Tf-FD; call timm_tffd.unwrap(model) first')
     if 'forward' in vars(model):
         raise ValueError('model already has an instance-level forward; Tf-FD cannot wrap it')
-    names = parse_methods(tffd)
-    known = method_options(names)
-    for key in options:
-        if key not in known:
-            users = [m for m in _all_method_names() if key in get_method(m).options()]
-            if users:
-                raise ValueError(f'option {key!r} belongs to method(s) {users}, which are not selected in {names}')
-            raise ValueError(f'unknown Tf-FD option {key!r}; options of {names}: {sorted(known) or "none"}')
-    taps = FeatureTaps(model, stages, preact=preact)
+    taps = FeatureTaps(model, config.stages, preact=config.preact)
     ctx = MethodContext(model, taps.indices, taps.modules, taps.channels, taps.reductions)
     try:
         methods = {}
-        for n in names:
-            method = get_method(n)
-            kwargs = {k: v for k, v in options.items() if k in method.options()}
-            methods[n] = method.build(ctx, **kwargs)
+        for name in config.methods:
+            method = get_method(name)
+            methods[name] = method.build(ctx, **{k: config.options[k] for k in method.options()})
     except Exception:
         taps.remove()
         raise
-    config = dict(tffd=names, stages=taps.indices, preact=preact, **{**known, **options})
-    setattr(model, _ATTR, TfFDState(taps, methods, config))
+    setattr(model, _ATTR, TfFDState(config, taps, methods))
     model.forward = _tffd_forward.__get__(model)
     return model
 
 
-def _all_method_names():
-    from .methods import list_methods
-    return list_methods()
-
-
 def is_wrapped(model: nn.Module) -> bool:
     return hasattr(unwrap_model(model), _ATTR)
+
+
+def tapped_features(model: nn.Module) -> List[torch.Tensor]:
+    """The stage maps tapped by the last training forward of a wrapped model, shallow to deep, before its criterion
+    has taken them (what SFD's integrator reads from the same pass)."""
+    stash = get_tffd_state(model).peek()
+    if stash is None:
+        raise RuntimeError('no Tf-FD features: call the wrapped model in train() mode first')
+    return stash.features
 
 
 def get_tffd_state(model: nn.Module) -> TfFDState:
