@@ -45,7 +45,7 @@ from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntr
 from timm_tffd.self_distill import SELF_DISTILL_MODES, SelfDistill, parse_tau
 from timm_tffd.teacher import create_teacher
 from timm_tffd.checkpoint import AtomicCheckpointSaver, atomic_write_text
-from timm_tffd.data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST
+from timm_tffd.data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST, uses_embedded_data
 from timm_tffd.data.subset import SampledSubset
 from timm_tffd.loss_meter import LossMeter
 from timm_tffd.losses.inter import DIRECTIONS, PAIRS
@@ -70,7 +70,7 @@ _BAR_REFRESH = 10  # steps between progress-bar refreshes (each reads the runnin
 _TFFD_OPTION_FLAGS = {
     'pairs': dict(type=str, choices=PAIRS, help='inter-layer stage pairs: all (reference code, CIFAR) or adjacent '
                                                 '(ImageNet, Tf-FD supplementary)'),
-    'direction': dict(type=str, choices=DIRECTIONS, help='inter-layer direction (seed 001 ablation)'),
+    'direction': dict(type=str, choices=DIRECTIONS, help='inter-layer direction (TFD ablation, Li et al., IJCNN 2022)'),
     'saliency': dict(type=str, choices=list(SALIENCY) + list(MODEL_SALIENCY),
                      help='intra-layer channel saliency (norm: the reference code)'),
     'detach_salient': dict(action='store_true', help='intra-layer: no gradient into the salient half'),
@@ -135,14 +135,15 @@ def _add_teacher_arguments(parser: argparse.ArgumentParser):
                        help='SFD feature distillation from the teacher with this integrator (default when given '
                             'without value: ri, the paper\'s default)')
     group.add_argument('--sfd-weight', type=float, default=3.0, metavar='W',
-                       help='SFD loss weight (default: 3, seed 004)')
+                       help='SFD loss weight (default: 3, as in SFD)')
 
-    group = parser.add_argument_group('Self-distillation SD / RSD (seed 004, eqs. 8-9; not timm arguments)')
-    group.add_argument('--self-distill', type=str, default=None, metavar='MODE',
+    group = parser.add_argument_group(
+        'Self-distillation SD / RSD (SFD, Pei et al., IJCAI 2021, eqs. 8-9; not timm arguments)')
+    group.add_argument('--self-distill', type=str, default=None, choices=SELF_DISTILL_MODES,
                        help='after each epoch, theta <- tau theta + (1 - tau) theta_prev: "sd", or "rsd" (previous '
                             'conv kernels flipped horizontally with p = 0.5)')
     group.add_argument('--sd-tau', type=str, default='0.995,0.999', metavar='START,END',
-                       help='tau, ramped linearly over the epochs (default: %(default)s, seed 004 Table 2)')
+                       help='tau, ramped linearly over the epochs (default: %(default)s, SFD Table 2)')
 
     group = parser.add_argument_group('Dynamic label smoothing (not timm arguments)')
     group.add_argument('--smoothing-schedule', type=str, default='constant', choices=SCHEDULES,
@@ -275,18 +276,18 @@ def _build_parsers():
 
     _add_tffd_arguments(parser)
     _add_teacher_arguments(parser)
-    add_unsupported_arguments(parser)
-    return config_parser, parser
+    unsupported = add_unsupported_arguments(parser)
+    return config_parser, parser, unsupported
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse a timm-style command line (with an optional ``-c`` YAML config); returns ``(args, args_text)``."""
-    config_parser, parser = _build_parsers()
+    config_parser, parser, unsupported = _build_parsers()
     teacher_defaults = {k: parser.get_default(k) for k in _TEACHER_FLAGS}  # before -c sets new defaults
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
         try:
-            parser.set_defaults(**load_config(args_config.config, parser))
+            parser.set_defaults(**load_config(args_config.config, parser, unsupported))
         except (OSError, ValueError, yaml.YAMLError) as e:
             parser.error(str(e))
     args = parser.parse_args(remaining)
@@ -353,8 +354,6 @@ def _check_teacher_args(args, parser: argparse.ArgumentParser, defaults: Dict[st
         if changed:
             flags = ', '.join('--' + k.replace('_', '-') for k in changed)
             parser.error(f'{flags} need a teacher (--teacher NAME)')
-    if args.self_distill is not None and args.self_distill not in SELF_DISTILL_MODES:
-        parser.error(f'--self-distill: unknown mode {args.self_distill!r}; valid: {", ".join(SELF_DISTILL_MODES)}')
     try:
         args.sd_tau = parse_tau(args.sd_tau)
     except ValueError as e:
@@ -435,10 +434,6 @@ class _SetupError(Exception):
     """Bad input found while building the run: reported as one line, before any output is written."""
 
 
-def _use_embedded(args) -> bool:
-    return not args.data_dir and not args.dataset
-
-
 def _apply_embedded_defaults(args):
     for key, value in EMBEDDED_DATA_CONFIG.items():
         if getattr(args, key) is None:
@@ -448,7 +443,7 @@ def _apply_embedded_defaults(args):
 def _create_dataset(args, split: str, is_training: bool, img_mode: str):
     cap = args.max_train_samples if is_training else args.max_val_samples
     try:
-        if _use_embedded(args):
+        if uses_embedded_data(args.data_dir, args.dataset):
             dataset = EmbeddedFashionMNIST(split, img_mode)
         else:
             dataset = create_dataset(
@@ -470,7 +465,8 @@ def _create_dataset(args, split: str, is_training: bool, img_mode: str):
         if cap is not None:
             dataset = SampledSubset(dataset, cap, seed=args.seed)
     except Exception as e:  # timm and torchvision report a bad name or root with many exception types
-        source = 'the embedded data' if _use_embedded(args) else f'{args.dataset or "folder"} at {args.data_dir!r}'
+        embedded = uses_embedded_data(args.data_dir, args.dataset)
+        source = 'the embedded data' if embedded else f'{args.dataset or "folder"} at {args.data_dir!r}'
         raise _SetupError(f'cannot load split {split!r} of {source}: {type(e).__name__}: {e}') from e
     return dataset
 
@@ -734,7 +730,7 @@ def train(args, args_text: str) -> TrainResult:
 def _build(args, device, loss_scaler) -> _Setup:
     """Model, data, task, optimizer and resume state. Raises ``_SetupError`` on bad input."""
     primary = utils.is_primary(args)
-    if _use_embedded(args):
+    if uses_embedded_data(args.data_dir, args.dataset):
         _apply_embedded_defaults(args)
         if primary:
             _logger.info('No data dir: training on the embedded Fashion-MNIST subset (4000 train / 1000 val images).')

@@ -3,8 +3,10 @@
 The pipeline runs for real at small scale: train_timm_tffd.py trains a tiny ResNet with Tf-FD (and a baseline) on the
 embedded Fashion-MNIST subset, the run is pushed with --dry-run, then loaded by plain timm (``local-dir:`` and a
 pre-populated Hub cache with HF_HUB_OFFLINE=1, in a fresh interpreter that never imports timm_tffd) and by
-``timm_tffd.create_model``; the outputs equal the trained model's.
+``timm_tffd.create_model``; the outputs equal the trained model's. The model card of other kinds of runs (SFD, SD / RSD,
+logit KD, other data) is checked on checkpoints built here in the saved schema.
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -28,6 +30,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import httpx
 
 import timm_tffd
+from timm_tffd.data.embedded import uses_embedded_data
+from timm_tffd.hub import TrainingRun, model_card
 from timm_tffd.hub import main as hub_main
 from conftest import load_checkpoint, run_script
 
@@ -39,7 +43,10 @@ TRAIN = ['--model', 'test_resnet', '--epochs', '2', '--max-train-samples', '256'
          '-b', '64', '--lr', '0.05', '--warmup-epochs', '0', '--device', 'cpu', '-j', '0']
 TFFD = ['--tffd', 'inter,intra', '--tffd-pairs', 'adjacent', '--tffd-warmup-epochs', '1', '--tffd-early-decay', '1',
         '2', '--model-ema', '--model-ema-decay', '0.9']
-CARD_PREFIXES = ('tffd', 'sfd', 'sd_', 'self_distill', 'teacher', 'kd', 'smoothing')
+TITLES = dict(tffd='Self-Regulated Feature Learning via Teacher-free Feature Distillation',
+              tfd='Teacher-free Distillation via Regularizing Intermediate Representation',
+              sfr='Self-Feature Regularization: Self-Feature Distillation Without Teacher Models',
+              sfd='Self-boosting for Feature Distillation')
 
 
 def _train(root, name, *extra):
@@ -107,8 +114,35 @@ def _hub_cache(root, repo_id, files):
     return root
 
 
-def test_dry_run_folder(runs, export, classes):
+def _details(card):
+    """The card's "Model Details" list: {title: value} or, for a section of settings, {title: {key: value}}."""
+    block = card.split('## Model Details\n')[1].split('\n## ')[0]
+    out, section = {}, None
+    for line in block.splitlines():
+        top = re.fullmatch(r'- \*\*(.+?):\*\* ?(.*)', line)
+        if top:
+            section = top.group(1)
+            out[section] = top.group(2) or {}
+        elif line.startswith('  - '):
+            key, value = line[4:].split(': ', 1)
+            out[section][key] = value
+    return out
+
+
+def _new_file_mode(folder):
+    """The permission bits a new file gets here (the process umask applied to 0o666)."""
+    probe = folder / 'probe'
+    probe.write_text('')
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+def test_dry_run_folder(runs, export, classes, tmp_path):
     assert sorted(p.name for p in export.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    # readable like any other file of the user (safetensors alone writes 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in export.iterdir()} == dict.fromkeys(
+        ['README.md', 'config.json', 'model.safetensors'], _new_file_mode(tmp_path))
     config = json.loads((export / 'config.json').read_text())
     assert config['architecture'] == 'test_resnet'
     assert config['num_classes'] == 10
@@ -129,17 +163,36 @@ def test_dry_run_folder(runs, export, classes):
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+def test_export_permissions_follow_the_umask(runs, tmp_path):
+    old = os.umask(0o027)
+    try:
+        folder = pathlib.Path(timm_tffd.push_to_hub(runs['baseline'], REPO_ID, dry_run=True, save_dir=tmp_path / 'x'))
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == dict.fromkeys(
+        ['README.md', 'config.json', 'model.safetensors'], oct(0o640))
+
+
 def test_model_card(runs, export):
     card = (export / 'README.md').read_text()
     assert re.search(r'^license: apache-2.0$', card, re.M)
     assert re.search(r'^datasets:\n- fashion_mnist$', card, re.M)
     args = yaml.safe_load((runs['tffd'] / 'args.yaml').read_text())
-    resolved = vars(_checkpoint(runs['tffd'])['args'])
-    assert f'epochs: {args["epochs"]}' in card
-    flags = [k for k in args if k.startswith(CARD_PREFIXES)]
-    assert {'smoothing', 'tffd', 'tffd_inter_weight', 'tffd_pairs', 'tffd_early_decay'} <= set(flags)
-    for k in flags:
-        assert f'  - {k}: {resolved[k]}\n' in card
+    details = _details(card)
+    assert details['Training recipe']['epochs'] == str(args['epochs'])
+    assert details['Training recipe']['smoothing'] == '0.1'
+    assert details['Training data'].startswith('the Fashion-MNIST subset embedded in timm_tffd (4000 training / 1000 '
+                                               'validation images of the official splits)')
+    assert details['Training data'].endswith('a random subset of 256 training images and 128 validation images')
+    # the Tf-FD settings of TFFD (options and weights of inter and intra, the reference code's defaults where TFFD
+    # names none) and nothing of the methods the run did not use
+    assert details['Tf-FD'] == {
+        'methods': 'inter, intra', 'weights': 'inter 0.005, intra 0.0004', 'stages': 'all but a leading stem',
+        'preact': 'False', 'pairs': 'adjacent', 'direction': 'top-down', 'saliency': 'norm',
+        'detach_salient': 'False', 'warmup_epochs': '1', 'early decay': 'epochs 1 to 2'}
+    assert not {'SFD', 'Self-distillation', 'Logit KD'} & set(details)
+    for flag in ('emd', 'm2o', 'sfd_weight', 'sd_tau', 'kd_temperature', 'teacher'):
+        assert flag not in card.split('## Model Usage')[0]
     # final and best top-1 / top-5, and the baseline table, computed from summary.csv here
     rows, base = _summary(runs['tffd']), _summary(runs['baseline'])
     assert 'train_tffd_inter' in rows[0] and 'train_tffd_inter' not in base[0]  # trained with Tf-FD / without
@@ -155,13 +208,91 @@ def test_model_card(runs, export):
     assert table[4].split('|')[4].strip() == f'{delta:+.2f}'
     assert table[4].split('|')[7].strip() == f'{float(final["eval_top5"]) - float(b_final["eval_top5"]):+.2f}'
     assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in card
-    for title in ('Self-Regulated Feature Learning via Teacher-free Feature Distillation',
-                  'Teacher-free Distillation via Regularizing Intermediate Representation',
-                  'Self-boosting for Feature Distillation'):
-        assert f'title     = {{{title}}}' in card
+    # Tf-FD and TFD are cited, SFD (not used) is not
+    for paper in ('tffd', 'tfd'):
+        assert f'title     = {{{TITLES[paper]}}}' in card
     assert 'author    = {Li, Lujun and Liang, Shiuan-Ni and Yang, Ya and Jin, Zhe}' in card
     assert 'doi       = {10.1109/IJCNN55064.2022.9892575}' in card
-    assert card.count('```bibtex') == 3
+    assert card.count('```bibtex') == 2 and TITLES['sfd'] not in card
+
+
+# args.yaml of a run on the embedded data with no method selected, as the training script writes it (every flag)
+_ARGS = dict(model='test_resnet', epochs=3, batch_size=64, lr=0.1, smoothing=0.1, smoothing_schedule='constant',
+             smoothing_end=None, data=None, data_dir=None, dataset='', max_train_samples=None, model_ema=False,
+             tffd=None, tffd_inter_weight=0.005, tffd_intra_weight=0.0004, tffd_emd_weight=0.005, tffd_pairs='all',
+             tffd_saliency='norm', tffd_emd_grid=None, tffd_m2o_pairs='all', tffd_warmup_epochs=20.0,
+             tffd_early_decay=None, tffd_stages=None, tffd_preact=False, sfd=None, sfd_weight=3.0,
+             self_distill=None, sd_tau='0.995,0.999', kd_model_name=None, teacher_checkpoint=None,
+             kd_loss_type='kl', kd_temperature=4.0, distill_loss_weight=None, task_loss_weight=None)
+_SUMMARY = [dict(epoch=float(e), eval_loss=1.0, eval_top1=top1, eval_top5=90.0) for e, top1 in enumerate((50, 70, 60))]
+
+
+def _card(tmp_path, task_state, **args):
+    """The card of a run with these arguments (over _ARGS) and a checkpoint with this task_state."""
+    run = TrainingRun(tmp_path / 'run', dict(_ARGS, **args), _SUMMARY)
+    checkpoint = dict(epoch=2, args=argparse.Namespace(**run.args), task_state=task_state)
+    return model_card(run, checkpoint, torch.nn.Linear(2, 10), 'org/name')
+
+
+def test_card_of_sfd_with_tffd_and_rsd(tmp_path):
+    """SFD with intra-layer Tf-FD and RSD on CIFAR-100: the card lists these settings, and only these."""
+    config = dict(methods=['intra'], stages=[2, 3], preact=True, options=dict(saliency='entropy', detach_salient=False),
+                  weights=dict(intra=0.001), warmup_epochs=20.0, decay=None)
+    task_state = dict(tffd=dict(config=config, epoch=3.0), sfd=dict(integrator='ri', integrator_state={}))
+    card = _card(tmp_path, task_state, data_dir='/data/cifar100', dataset='torch/cifar100', tffd='intra',
+                 tffd_intra_weight=0.001, tffd_saliency='entropy', tffd_stages=[2, 3], tffd_preact=True, sfd='ri',
+                 kd_model_name='cifar_resnet56', teacher_checkpoint='/home/me/teacher/model_best.pth.tar',
+                 self_distill='rsd')
+    details = _details(card)
+    assert details['Tf-FD'] == {'methods': 'intra', 'weights': 'intra 0.001', 'stages': '[2, 3]', 'preact': 'True',
+                                'saliency': 'entropy', 'detach_salient': 'False', 'warmup_epochs': '20'}
+    assert details['SFD'] == {'integrator': 'RI', 'weight': '3.0', 'teacher': 'cifar_resnet56',
+                              'teacher weights': 'model_best.pth.tar'}
+    assert details['Self-distillation'] == {'mode': 'RSD', 'tau': '0.995 -> 0.999 (linear over the epochs)'}
+    assert 'Logit KD' not in details and '/home/me' not in card
+    assert details['Dataset'] == details['Training data'] == 'torch/cifar100'
+    assert re.search(r'^datasets:\n- torch/cifar100$', card, re.M) and 'embedded' not in card
+    assert card.count('```bibtex') == 3 and all(TITLES[p] in card for p in ('tffd', 'tfd', 'sfd'))
+    assert 'with Teacher-free Feature Distillation (Tf-FD: intra) and SFD feature distillation' in card
+
+
+def test_card_of_logit_kd_and_of_a_plain_run(tmp_path):
+    card = _card(tmp_path, {}, kd_model_name='resnet18', teacher_checkpoint='hf-hub:org/teacher')
+    details = _details(card)
+    assert details['Logit KD'] == {'teacher': 'resnet18', 'teacher weights': 'hf-hub:org/teacher', 'loss': 'kl',
+                                   'temperature': '4.0'}
+    assert not {'Tf-FD', 'SFD', 'Self-distillation'} & set(details)
+    assert 'trained on the embedded Fashion-MNIST subset' in card and '## Citation' not in card
+    assert details['Results']['top-1 / top-5, best top1 (epoch 1)'] == '70.00 / 90.00'
+    plain = _details(_card(tmp_path, {}))
+    assert not {'Tf-FD', 'SFD', 'Self-distillation', 'Logit KD'} & set(plain)
+    # SFR's methods and dynamic label smoothing cite SFR
+    emd = dict(methods=['emd'], stages=None, preact=False, weights=dict(emd=0.005), warmup_epochs=20.0, decay=None,
+               options=dict(emd_grid=None, emd_pairs='all', emd_eps=0.02, emd_iters=50))
+    for task_state, args in (({'tffd': dict(config=emd, epoch=0.0)}, dict(tffd='emd')),
+                             ({}, dict(smoothing_schedule='linear'))):
+        card = _card(tmp_path, task_state, **args)
+        assert TITLES['sfr'] in card and TITLES['sfd'] not in card
+
+
+def test_card_data_source_follows_the_training_script(tmp_path):
+    """The training script uses the embedded subset when given neither a data dir nor a dataset."""
+    assert uses_embedded_data(None, '') and uses_embedded_data('', None)
+    assert not uses_embedded_data('/data/clothes', '') and not uses_embedded_data(None, 'torch/fashion_mnist')
+    for args, name in ((dict(dataset='torch/fashion_mnist'), 'torch/fashion_mnist'), (dict(data='/data/clothes'),
+                                                                                      'clothes')):
+        card = _card(tmp_path, {}, **args)
+        assert _details(card)['Training data'] == name and 'embedded' not in card
+
+
+def test_card_refuses_a_checkpoint_without_the_tffd_config(tmp_path):
+    old = dict(epoch=0.0, weights=dict(inter=0.005), config=dict(tffd=['inter'], stages=[1, 2], preact=False))
+    with pytest.raises(ValueError, match='Tf-FD config saved in the checkpoint cannot be read'):
+        _card(tmp_path, {'tffd': old}, tffd='inter')
+    with pytest.raises(ValueError, match='has no "config"'):
+        _card(tmp_path, {'tffd': {'epoch': 1.0}}, tffd='inter')
+    with pytest.raises(ValueError, match='has no Tf-FD state'):
+        _card(tmp_path, {}, tffd='inter')
 
 
 _PLAIN_TIMM = """
@@ -349,6 +480,8 @@ def test_bad_inputs(runs, classes, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         hub_main(['push', str(tmp_path / 'empty'), '--repo-id', REPO_ID, '--dry-run'])
     assert e.value.code == 1 and 'not a training output folder' in capsys.readouterr().err
+    proc = run_script('-m timm_tffd.hub', 'push', tmp_path / 'empty', '--repo-id', REPO_ID, '--dry-run')
+    assert proc.returncode == 1 and proc.stderr.count('\n') == 1 and 'not a training output folder' in proc.stderr
     # a checkpoint whose architecture disagrees with args.yaml
     other = _copy_run(runs['tffd'], tmp_path / 'other')
     args = yaml.safe_load((other / 'args.yaml').read_text())
@@ -366,6 +499,10 @@ def test_bad_inputs(runs, classes, tmp_path, capsys):
     _rewrite_checkpoint(pickled, lambda c: c.update(extra=_Payload(marker)))
     with pytest.raises(ValueError, match='refusing to load .* pathlib'):
         dry_run(pickled)
+    # the same loader reads teacher checkpoints
+    with pytest.raises(ValueError, match='refusing to load .* pathlib'):
+        timm_tffd.load_teacher_checkpoint(timm.create_model('test_resnet', num_classes=10, in_chans=1),
+                                          str(pickled / 'model_best.pth.tar'))
     assert not marker.exists()
     # class names of a dataset that is neither the embedded data nor ImageNet, or of the wrong count
     folder_data = _copy_run(runs['tffd'], tmp_path / 'folder_data')

@@ -1,4 +1,5 @@
-"""SFD integrators (seed 004, eqs. 2 to 4): output shapes on homogeneous and heterogeneous pairs, layer sizes."""
+"""SFD integrators (Pei et al., IJCAI 2021, eqs. 2 to 4): output shapes on homogeneous and heterogeneous pairs,
+layer sizes."""
 import pytest
 import timm
 import torch

@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from benchmarks.accuracy import paired_gain, summarize  # noqa: E402
 from timm_tffd.plot import DPI, FIGSIZE, group_runs, read_summary  # noqa: E402
+from timm_tffd.plot import main as plot_main  # noqa: E402
 
 
 def _png_size(path):
@@ -42,6 +43,33 @@ def test_plot_cli_png(tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert _png_size(out) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def test_plot_cli_writes_into_the_run_folder_or_out(tmp_path, monkeypatch, capsys):
+    """By default the curves go into the first run folder, with --out into the folder it names; never into the
+    current directory."""
+    pytest.importorskip('matplotlib')
+    runs = [_fake_run(tmp_path / 'runs', name, [50, 60]) for name in ('tffd-seed0', 'baseline-seed0')]
+    cwd = tmp_path / 'cwd'
+    cwd.mkdir()
+    proc = subprocess.run([sys.executable, '-m', 'timm_tffd.plot', *runs], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == os.path.join(runs[0], 'curves.png')
+    assert _png_size(os.path.join(runs[0], 'curves.png')) == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+    assert not os.path.exists(os.path.join(runs[1], 'curves.png'))
+    monkeypatch.chdir(cwd)
+    for option in ('--out', '--output'):
+        out = tmp_path / f'plots{option}' / 'new'
+        plot_main([*runs, option, str(out)])
+        assert sorted(os.listdir(out)) == ['curves.png']
+    # --out naming an existing file that is not a .png: one error line
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        plot_main([*runs, '--out', os.path.join(runs[0], 'summary.csv')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'is a file, not a folder' in err and err.count('\n') == 1
+    assert os.listdir(cwd) == []
 
 
 def test_plot_cli_rejects_non_runs(tmp_path):

@@ -1,4 +1,5 @@
-"""SD / RSD (seed 004, eqs. 8 and 9): updates against hand computations, flips, buffers, optimizer, resume, DDP."""
+"""SD / RSD (SFD, Pei et al., IJCAI 2021, eqs. 8 and 9): updates against hand computations, flips, buffers,
+optimizer, resume, DDP."""
 import copy
 import io
 import os
@@ -218,6 +219,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_apply_the_same_rsd_update(tmp_path):
     # precondition: the two per-rank seeds alone would draw differently in epochs 1..7
     flags = []

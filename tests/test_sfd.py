@@ -295,6 +295,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_sfd_task_stays_identical_across_ranks(tmp_path):
     # student + integrator in DDP, Tf-FD terms through DDP, empirical margin all-reduced, one RSD draw for all ranks
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True,

@@ -289,6 +289,7 @@ def _same_state(a, b, path=''):
         assert a == b, path
 
 
+@pytest.mark.slow
 def test_resume_after_kill_during_save(run_train, tmp_path):
     """A run killed while saving epoch 1 keeps epoch 0's checkpoint; resuming from it equals an uninterrupted run.
 
@@ -339,6 +340,7 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_match_one_process(run_train, tmp_path):
     """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process with batch 16.
 
@@ -483,6 +485,7 @@ def test_hfds_dataset(run_train, tmp_path, monkeypatch):
     assert run.results[0]['validation'] is not None
 
 
+@pytest.mark.slow
 def test_torchcompile(run_train):
     # The eager backend runs the graph dynamo captures (Tf-FD's feature taps included) without inductor's code
     # generation, which takes minutes on a CPU: the compiled run must train exactly like the plain one.

@@ -24,6 +24,7 @@ def _rows(run):
     return [{k: float(v) for k, v in r.items()} for r in read_summary(run.output_dir)]
 
 
+@pytest.mark.slow
 def test_sfd_rsd_tffd_end_to_end_and_exact_resume(run_train, tmp_path, teacher_ckpt):
     args = [*TINY, *STUDENT, '--teacher', 'cifar_resnet20', '--teacher-checkpoint', teacher_ckpt, '--sfd', 'ri',
             '--self-distill', 'rsd', '--sd-tau', '0.99,0.995', '--tffd', 'inter,intra', '--tffd-warmup-epochs', '0',
@@ -99,7 +100,7 @@ def test_self_distill_composes_with_any_task(run_train, teacher_ckpt, caplog):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--self-distill', 'wsd'], "unknown mode 'wsd'"),
+    (['--self-distill', 'wsd'], "invalid choice: 'wsd'"),
     (['--self-distill', 'rsd', '--sd-tau', '0.999,0.99'], '--sd-tau: tau must not decrease'),
     (['--self-distill', 'rsd', '--sd-tau', '1.5'], '--sd-tau'),
     (['--sfd', 'ri'], '--sfd need a teacher'),

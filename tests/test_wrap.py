@@ -215,7 +215,6 @@ def test_stages_preact_and_hooks():
         torch.testing.assert_close(torch.relu(a), b)  # the closing ReLU of the post-activation map
 
 
-
 # token models whose tokens are viewed as NCHW without timm's contiguous copy (name, kwargs)
 TOKEN_MODELS = {
     'vit': ('test_vit', dict(img_size=32)),
@@ -271,6 +270,7 @@ def test_task_dict_state_and_ema():
     assert other.tffd_loss.epoch == 4 and other.tffd_loss.multiplier == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', ['resnet', 'vit'])  # vit: token views and the O(L) run of equal-shape maps
 def test_task_compiles(family):
     model, x = _create(family)

@@ -163,4 +163,3 @@ def _normalize(value):
     if isinstance(value, (list, tuple)):
         return tuple(value)
     return value
-

@@ -1,10 +1,12 @@
 """Training curves and cost/benefit plots from training output folders (needs the ``plot`` extra: matplotlib).
 
-    python -m timm_tffd.plot RUN_DIR [RUN_DIR ...] --out curves.png
+    python -m timm_tffd.plot RUN_DIR [RUN_DIR ...] [--out DIR_OR_PNG]
 
-Runs are grouped into configurations by name: a folder ``<config>-seed<N>`` (the layout ``benchmarks/accuracy.py``
-writes) joins the group ``<config>``; any other folder is its own group. Each group is drawn as the mean over its runs
-with the min-max spread across seeds shaded: eval top-1 and train loss against epoch, as in SFD's Figure 1 (seed 004).
+writes ``curves.png`` into the first ``RUN_DIR``, or into the folder ``--out`` names (or to ``--out`` itself when it
+ends in ``.png``). Runs are grouped into configurations by name: a folder ``<config>-seed<N>`` (the layout
+``benchmarks/accuracy.py`` writes) joins the group ``<config>``; any other folder is its own group. Each group is drawn
+as the mean over its runs with the min-max spread across seeds shaded: eval top-1 and train loss against epoch, as in
+SFD (Pei et al., IJCAI 2021), Figure 1.
 """
 import argparse
 import csv
@@ -20,6 +22,7 @@ __all__ = ['read_summary', 'group_runs', 'plot_curves', 'plot_gain_vs_cost']
 
 FIGSIZE = (12, 4.5)
 DPI = 100
+CURVES_NAME = 'curves.png'
 _SEED_SUFFIX = re.compile(r'-seed\d+$')
 
 
@@ -61,7 +64,13 @@ def _colors(plt, n: int) -> list:
 
 
 def plot_curves(run_dirs: Sequence[str], out: str, title: Optional[str] = None) -> str:
-    """Eval top-1 and train loss against epoch, mean and seed spread per configuration; returns ``out``."""
+    """Eval top-1 and train loss against epoch, mean and seed spread per configuration; returns ``out``.
+
+    Args:
+        run_dirs: Training output folders (with summary.csv).
+        out: PNG path; its folder is created when missing.
+        title: Figure title.
+    """
     plt = _pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=FIGSIZE, dpi=DPI)
     groups = group_runs(run_dirs)
@@ -81,6 +90,7 @@ def plot_curves(run_dirs: Sequence[str], out: str, title: Optional[str] = None) 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
@@ -109,16 +119,35 @@ def plot_gain_vs_cost(rows: Sequence[dict], out: str, title: Optional[str] = Non
     return out
 
 
+def _curves_path(run_dirs: Sequence[str], out: Optional[str] = None) -> str:
+    """Where the command line writes the curves: ``out`` when it ends in ``.png``, else ``CURVES_NAME`` in the
+    folder ``out``, by default in the first run folder.
+
+    Args:
+        run_dirs: The run folders given.
+        out: ``--out``: a folder or a ``.png`` path, or ``None``.
+    """
+    if out is None:
+        return os.path.join(run_dirs[0], CURVES_NAME)
+    if out.lower().endswith('.png'):
+        return out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f'--out {out} is a file, not a folder (name a folder, or a .png file)')
+    return os.path.join(out, CURVES_NAME)
+
+
 def main(argv=None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) and plot; bad input exits with one error line."""
     parser = argparse.ArgumentParser(prog='python -m timm_tffd.plot', description=__doc__.split('\n')[0])
     parser.add_argument('runs', nargs='+', help='training output folders (with summary.csv)')
-    parser.add_argument('--out', default='curves.png', help='PNG file to write')
+    parser.add_argument('--out', '--output', metavar='DIR_OR_PNG', default=None,
+                        help=f'folder to write {CURVES_NAME} into, or a .png path (default: the first run folder)')
     parser.add_argument('--title', default=None)
     args = parser.parse_args(argv)
     try:
-        print(plot_curves(args.runs, args.out, args.title))
-    except ValueError as e:
-        parser.exit(2, f'error: {e}\n')
+        print(plot_curves(args.runs, _curves_path(args.runs, args.out), args.title))
+    except (ValueError, OSError) as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
 
 
 if __name__ == '__main__':

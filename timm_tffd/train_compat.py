@@ -1,10 +1,10 @@
 """Compatibility with timm's ``train.py``: its arguments and defaults, and the rules that keep a timm command line or
 ``args.yaml`` from being misread by a script that supports only some of them.
 
-``TIMM_TRAIN_ARGS`` lists every argument of timm's ``train.py`` (huggingface/pytorch-image-models, 1.0.29.dev0
-repository head; the script is not part of the pip package) as ``dest: (option strings, default)``. A training script
-declares the arguments it supports with ``add_timm_argument`` (same option strings and default as timm) and registers
-the rest with ``add_unsupported_arguments``:
+``TIMM_TRAIN_ARGS`` lists every argument of timm's ``train.py`` (huggingface/pytorch-image-models, commit aa4b585,
+version 1.0.29.dev0; the script is not part of the pip package) as ``dest: (option strings, default)``. A training
+script declares the arguments it supports with ``add_timm_argument`` (same option strings and default as timm) and
+registers the rest with ``add_unsupported_arguments``:
 
 * a command line that uses an unsupported argument is an error naming it;
 * the unsupported arguments keep timm's defaults in the parsed namespace, so timm's factories that read them
@@ -17,12 +17,11 @@ the rest with ``add_unsupported_arguments``:
 """
 import argparse
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import yaml
 
-__all__ = ['TIMM_TRAIN_ARGS', 'add_timm_argument', 'add_unsupported_arguments', 'load_config', 'supported_arguments',
-           'unsupported_arguments']
+__all__ = ['TIMM_TRAIN_ARGS', 'add_timm_argument', 'add_unsupported_arguments', 'load_config']
 
 _logger = logging.getLogger(__name__)
 
@@ -231,8 +230,9 @@ def add_timm_argument(group, dest: str, *aliases: str, **kwargs) -> argparse.Act
 
 
 def add_unsupported_arguments(parser: argparse.ArgumentParser) -> List[str]:
-    """Register every timm ``train.py`` argument that ``parser`` does not define yet; returns their names."""
-    defined = {a.dest for a in parser._actions}
+    """Register every timm ``train.py`` argument that ``parser`` does not define yet; returns their ``dest`` names,
+    which ``load_config`` needs."""
+    defined = set(vars(parser.parse_args([])))
     added = []
     for dest, (options, default) in TIMM_TRAIN_ARGS.items():
         if dest not in defined:
@@ -241,28 +241,18 @@ def add_unsupported_arguments(parser: argparse.ArgumentParser) -> List[str]:
     return added
 
 
-def supported_arguments(parser: argparse.ArgumentParser) -> List[str]:
-    """Option strings of the timm ``train.py`` arguments that ``parser`` supports."""
-    return [' / '.join(a.option_strings) or a.dest for a in parser._actions
-            if a.dest in TIMM_TRAIN_ARGS and not isinstance(a, _Unsupported)]
-
-
-def unsupported_arguments(parser: argparse.ArgumentParser) -> List[str]:
-    """Option strings of the timm ``train.py`` arguments that ``parser`` rejects."""
-    return [' / '.join(a.option_strings) for a in parser._actions if isinstance(a, _Unsupported)]
-
-
 def _is_off(value) -> bool:
     return value is None or value is False or (not isinstance(value, bool) and value in (0, '', [], {}))
 
 
-def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+def load_config(path: str, parser: argparse.ArgumentParser, unsupported: Sequence[str]) -> Dict[str, Any]:
     """Read a YAML config and return the parser defaults it sets, applying the rules in the module docstring.
 
     Args:
         path: A YAML mapping of argument names (``dest``) to values, such as an ``args.yaml`` written by timm's
             ``train.py`` or by this script.
         parser: The script's parser, with ``add_unsupported_arguments`` already applied.
+        unsupported: What ``add_unsupported_arguments`` returned.
 
     Raises:
         ValueError: Naming every key that sets an unsupported or unknown argument.
@@ -273,21 +263,21 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         return {}
     if not isinstance(cfg, dict):
         raise ValueError(f'config {path} must be a YAML mapping of argument names to values')
-    actions = {a.dest: a for a in parser._actions}
+    known = set(vars(parser.parse_args([])))
     defaults, at_default, unknown_off, errors = {}, [], [], []
     for key, value in cfg.items():
-        action = actions.get(key)
-        if action is None or action.dest == 'help':
+        if key not in known:
             if _is_off(value):
                 unknown_off.append(key)
             else:
                 errors.append(f'{key}={value!r} is not an argument of this script nor of timm\'s train.py')
-        elif isinstance(action, _Unsupported):
-            if value == action.default:
+        elif key in unsupported:
+            default = parser.get_default(key)
+            if value == default:
                 at_default.append(key)
             else:
                 errors.append(f'{key}={value!r} sets a timm train.py argument that this script does not support '
-                              f'(only timm\'s default {action.default!r} is accepted)')
+                              f'(only timm\'s default {default!r} is accepted)')
         else:
             defaults[key] = value
     if errors:

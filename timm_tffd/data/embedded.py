@@ -12,7 +12,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-__all__ = ['EmbeddedFashionMNIST', 'EMBEDDED_PATH', 'EMBEDDED_DATA_CONFIG', 'embedded_split']
+__all__ = ['EmbeddedFashionMNIST', 'EMBEDDED_PATH', 'EMBEDDED_DATA_CONFIG', 'embedded_split', 'uses_embedded_data']
 
 EMBEDDED_PATH = os.path.join(os.path.dirname(__file__), 'fashion_mnist_small.npz')
 
@@ -33,6 +33,16 @@ _SPLITS = {
     'train': 'train', 'training': 'train',
     'val': 'val', 'valid': 'val', 'validation': 'val', 'eval': 'val', 'evaluation': 'val', 'test': 'val',
 }
+
+
+def uses_embedded_data(data_dir: Optional[str], dataset: Optional[str]) -> bool:
+    """Whether a training run uses the embedded subset: it does when given neither a data dir nor a dataset.
+
+    Args:
+        data_dir: The run's data root (``--data-dir`` or the positional ``data``), or ``None``.
+        dataset: The run's ``--dataset`` (``''`` or ``None`` when not given).
+    """
+    return not data_dir and not dataset
 
 
 def embedded_split(split: str) -> str:

@@ -1,4 +1,4 @@
 """``python -m timm_tffd.hub push OUTPUT_DIR --repo-id ORG/NAME``."""
-from . import main
+from .cli import main
 
 main()
