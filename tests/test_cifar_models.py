@@ -232,8 +232,8 @@ def test_wrap_tffd_backward(name):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
     n_stages = len(model.feature_info) - 1
-    wrap(model, 'inter,intra')
-    criterion = TfFDLoss(nn.CrossEntropyLoss(), model, warmup_epochs=0)
+    wrap(model, 'inter,intra', warmup_epochs=0)
+    criterion = TfFDLoss(nn.CrossEntropyLoss(), model)
     model.train()
     out = criterion.compute(model(_x(4)), torch.tensor([0, 1, 2, 3]))
     assert timm_tffd.get_tffd_state(model).taps.indices == list(range(1, n_stages + 1))
@@ -260,8 +260,8 @@ def test_preact_taps_resnet(name):
         assert torch.equal(torch.relu(p), q)
     taps.remove()
 
-    wrap(model, 'inter,intra', preact=True)
-    criterion = TfFDLoss(nn.CrossEntropyLoss(), model, warmup_epochs=0)
+    wrap(model, 'inter,intra', preact=True, warmup_epochs=0)
+    criterion = TfFDLoss(nn.CrossEntropyLoss(), model)
     model.train()
     criterion(model(x), torch.tensor([0, 1])).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

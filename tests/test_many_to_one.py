@@ -128,15 +128,16 @@ def test_many_to_one_bad_input():
 def test_all_methods_compose():
     torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=5)
-    wrap(model, 'inter,intra,emd,m2o', stages=[1, 2, 3], emd_grid=2, m2o_pairs='adjacent')  # 32 -> 48 -> 192 channels
     weights = {'emd': 0.1, 'm2o': 0.2}
-    criterion = TfFDLoss(nn.CrossEntropyLoss(), model, weights=weights, warmup_epochs=0)
+    wrap(model, 'inter,intra,emd,m2o', stages=[1, 2, 3], weights=weights, warmup_epochs=0, emd_grid=2,
+         m2o_pairs='adjacent')  # 32 -> 48 -> 192 channels
+    criterion = TfFDLoss(nn.CrossEntropyLoss(), model)
     assert criterion.weights == {'inter': 0.005, 'intra': 0.0004, 'emd': 0.1, 'm2o': 0.2}
     assert get_method('emd').default_weight == 0.005 and get_method('m2o').default_weight == 0.005
     model.train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     out = criterion.compute(model(x), y)
-    assert sorted(out) == ['base_loss', 'loss', 'tffd_emd', 'tffd_inter', 'tffd_intra', 'tffd_m2o']
+    assert sorted(out) == ['base_loss', 'loss', 'tffd', 'tffd_emd', 'tffd_inter', 'tffd_intra', 'tffd_m2o']
     expected = out['base_loss'] + sum(criterion.weights[m] * out[f'tffd_{m}'] for m in criterion.weights)
     torch.testing.assert_close(out['loss'], expected)
     assert all(out[f'tffd_{m}'] > 0 for m in criterion.weights)

@@ -106,6 +106,7 @@ def test_summarize_golden():
     assert s == {'mean': 92.0, 'std': 2.0, 'n': 3}
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_tiny_end_to_end(tmp_path):
     """The benchmark's whole path on a tiny budget: teacher, baseline, Tf-FD and KD runs, statistics, report, plots."""
     pytest.importorskip('matplotlib')

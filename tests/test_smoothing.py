@@ -81,9 +81,9 @@ def test_soft_targets(schedule):
 
 def test_composes_with_tffd_loss():
     torch.manual_seed(0)
-    model = wrap(timm.create_model('test_resnet', num_classes=5), 'inter')
+    model = wrap(timm.create_model('test_resnet', num_classes=5), 'inter', warmup_epochs=0)
     base = DynamicLabelSmoothingCrossEntropy(0.2, schedule='linear', epochs=3)
-    criterion = TfFDLoss(base, model, warmup_epochs=0)
+    criterion = TfFDLoss(base, model)
     criterion.set_epoch(1)
     assert base.epoch == 1 and base.smoothing == pytest.approx(0.1)
     model.train()

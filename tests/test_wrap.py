@@ -215,38 +215,6 @@ def test_stages_preact_and_hooks():
         torch.testing.assert_close(torch.relu(a), b)  # the closing ReLU of the post-activation map
 
 
-# token models whose tokens are viewed as NCHW without timm's contiguous copy (name, kwargs)
-TOKEN_MODELS = {
-    'vit': ('test_vit', dict(img_size=32)),
-    'vit-reg': ('test_vit3', dict(img_size=32)),
-    'deit-distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=32, depth=2)),
-    'eva': ('eva02_tiny_patch14_224', dict(img_size=28, depth=2)),
-    'beit': ('beit_base_patch16_224', dict(img_size=32, depth=2, embed_dim=32, num_heads=2)),
-    'cait': ('cait_xxs24_224', dict(img_size=32, depth=2, embed_dim=32, num_heads=2)),
-    'convit': ('convit_tiny', dict(img_size=32, depth=2, embed_dim=32, num_heads=2)),
-}
-
-
-@pytest.mark.parametrize('family', list(TOKEN_MODELS))
-def test_token_models_give_nchw_views_of_timm_maps(family):
-    name, kwargs = TOKEN_MODELS[family]
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=3, **kwargs).eval()
-    size = kwargs['img_size']
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    indices = timm_tffd.resolve_stages(model)
-    taps = timm_tffd.FeatureTaps(model, indices)
-    assert taps.token_grid
-    with torch.no_grad():
-        want_final, want = model.forward_intermediates(x, indices=indices)  # timm's NCHW maps
-        logits, got = taps.forward(model, x)
-    torch.testing.assert_close(logits, model.forward_head(want_final))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g._is_view()  # a view of the tokens, not a copy
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
-
-
 def test_task_dict_state_and_ema():
     model, x = _create('resnet')
     config = TfFDConfig('inter', weights={'inter': 0.01}, warmup_epochs=10, options=dict(pairs='adjacent'))

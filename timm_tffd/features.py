@@ -1,26 +1,23 @@
-"""One-pass feature taps on timm models.
+"""One-pass feature taps on timm models, and the block that closes a ResNet-style stage.
 
-Tf-FD needs the logits and a few stage outputs of the *same* forward pass. ``FeatureTaps`` resolves the stages from
-``model.feature_info`` and captures them in one of three ways:
+Tf-FD (Li, ECCV 2022) needs the logits and a few stage outputs of the *same* forward pass. ``FeatureTaps`` resolves
+the stages from ``model.feature_info`` and captures them in one of three ways:
 
 * ``intermediates``: timm's ``forward_intermediates(x, indices)`` followed by ``forward_head`` (the default for every
-  model that has it; transformer tokens come back as NCHW maps). For token models whose ``forward_intermediates``
-  takes ``output_fmt='NLC'`` and whose patch embedding reports its grid (ViT, DeiT, EVA, BEiT...), the tokens are
-  taken as NLC and viewed as NCHW without a copy: timm's NCHW output makes a contiguous copy of every tapped block;
-  the view costs nothing and shares memory with the block outputs that autograd keeps anyway;
+  model that has it). Token models come back as NCHW maps; for ViT, DeiT, EVA, BEiT, CaiT, ConViT and the
+  relative-position ViTs these maps are views of the NLC tokens;
 * ``hooks``: forward hooks on the ``feature_info`` modules, for models without ``forward_intermediates``;
-* ``preact``: forward pre-hooks on the activation that closes a stage (ResNet-style blocks with ``act2`` / ``act3``),
-  which sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
+* ``preact``: forward pre-hooks on the activation that closes a ResNet-style stage (see ``closing_block``), which
+  sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
 """
 import functools
-import importlib
-import inspect
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models import Beit, Cait, ConVit, Eva, VisionTransformer, VisionTransformerRelPos
 
-__all__ = ['FeatureTaps', 'resolve_stages', 'STEM_MODULES']
+__all__ = ['FeatureTaps', 'resolve_stages', 'closing_block', 'ClosingBlock', 'STEM_MODULES']
 
 # feature_info entries that are the network stem rather than a stage; excluded by default.
 STEM_MODULES = ('act1', 'bn1', 'stem', 'conv_stem', 'bn_stem', 'features.norm0', 'stem.norm', 'stem.act')
@@ -62,12 +59,50 @@ def resolve_stages(model: nn.Module, stages: Optional[Sequence[int]] = None) -> 
     return sorted(out)
 
 
+class ClosingBlock(NamedTuple):
+    """The last block of a ResNet-style stage and its closing layers.
+
+    Attributes:
+        block: The block (``stage[-1]``).
+        act: The activation after the residual add (``act3`` in timm's ``Bottleneck``, ``act2`` in ``BasicBlock``).
+        norm: The norm before that add on the residual branch (``bn3`` / ``bn2``); ``None`` if the block has none.
+    """
+    block: nn.Module
+    act: nn.Module
+    norm: Optional[nn.Module]
+
+
+# (activation, norm) names that close a ResNet-style block: Bottleneck's, then BasicBlock's
+_CLOSING_LAYERS = (('act3', 'bn3'), ('act2', 'bn2'))
+
+
+def closing_block(model: nn.Module, module_name: str) -> Optional[ClosingBlock]:
+    """The closing block of a ResNet-style stage, or ``None`` when the stage is not one.
+
+    A ResNet-style stage is an ``nn.Sequential`` whose last block has an ``act3`` or ``act2`` (timm's ``Bottleneck`` /
+    ``BasicBlock``, the CIFAR ResNets of ``timm_tffd.models``).
+
+    Args:
+        model: The model.
+        module_name: Name of the stage in ``model``, e.g. a ``feature_info`` module such as ``'layer2'``.
+    """
+    stage = model.get_submodule(module_name)
+    if not isinstance(stage, nn.Sequential) or not len(stage):
+        return None
+    block = stage[-1]
+    for act, norm in _CLOSING_LAYERS:
+        if hasattr(block, act):
+            return ClosingBlock(block, getattr(block, act), getattr(block, norm, None))
+    return None
+
+
 def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
-    """The activation whose input is the pre-activation output of a stage (ResNet-style)."""
+    """The activation whose input is the pre-activation output of ``module_name``: the closing activation of a
+    ResNet-style stage, or the stem's activation itself."""
+    closing = closing_block(model, module_name)
+    if closing is not None:
+        return closing.act
     module = model.get_submodule(module_name)
-    if isinstance(module, nn.Sequential) and len(module) and any(hasattr(module[-1], a) for a in ('act3', 'act2')):
-        block = module[-1]
-        return block.act3 if hasattr(block, 'act3') else block.act2
     if module_name.split('.')[-1].startswith('act'):
         return module  # the stem's activation: its input is the pre-activation map
     raise ValueError(
@@ -75,19 +110,10 @@ def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
         f'{type(model).__name__}.{module_name} ({type(module).__name__}) has none; use post-activation features')
 
 
-# token models whose forward_intermediates(output_fmt='NLC') returns the spatial tokens (prefix tokens stripped) of
-# the grid that patch_embed.dynamic_feat_size reports, as their NCHW path uses it (module, class)
-_NLC_FAMILIES = (('vision_transformer', 'VisionTransformer'), ('eva', 'Eva'), ('beit', 'Beit'), ('cait', 'Cait'),
-                 ('convit', 'ConVit'))
-
-
-def _tokens_as_views(model: nn.Module) -> bool:
-    """Whether ``model`` is a token model whose NLC intermediates can be viewed as NCHW maps on the grid its
-    ``patch_embed.dynamic_feat_size`` reports."""
-    classes = tuple(getattr(importlib.import_module(f'timm.models.{m}'), c) for m, c in _NLC_FAMILIES)
-    return (isinstance(model, classes)
-            and 'output_fmt' in inspect.signature(model.forward_intermediates).parameters
-            and hasattr(getattr(model, 'patch_embed', None), 'dynamic_feat_size'))
+# Token models whose forward_intermediates(output_fmt='NLC') returns the spatial tokens (prefix tokens stripped) on
+# the grid patch_embed.dynamic_feat_size reports, the grid their NCHW output is reshaped to. Models with NCHW
+# intermediates only (Swin, SAM ViT, ...) or another grid (MViTv2, XCiT, ...) are not listed.
+_TOKEN_VIEW_MODELS = (VisionTransformer, Eva, Beit, Cait, ConVit, VisionTransformerRelPos)
 
 
 class FeatureTaps:
@@ -101,6 +127,11 @@ class FeatureTaps:
         preact: Tap pre-activation stage outputs (ResNet-style stages only).
         mode: ``'intermediates'`` or ``'hooks'``; ``None`` picks ``intermediates`` when the model has
             ``forward_intermediates``. Ignored with ``preact=True``.
+
+    Attributes:
+        indices, modules, channels, reductions: The tapped ``feature_info`` entries, shallow to deep.
+        mode: ``'intermediates'``, ``'hooks'`` or ``'preact'``.
+        token_grid: The features are NCHW views of a token model's NLC intermediates.
     """
 
     def __init__(
@@ -123,7 +154,7 @@ class FeatureTaps:
         if mode not in ('intermediates', 'hooks', 'preact'):
             raise ValueError(f'unknown feature tap mode {mode!r}')
         self.mode = mode
-        self.token_grid = mode == 'intermediates' and _tokens_as_views(model)
+        self.token_grid = mode == 'intermediates' and isinstance(model, _TOKEN_VIEW_MODELS)
         self._buffer = {}
         self._active = False
         self._handles = []
@@ -147,7 +178,12 @@ class FeatureTaps:
             self._buffer[pos] = output
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Run ``model`` once; return ``(logits, features)`` with features shallow to deep."""
+        """Run ``model`` once; return ``(logits, features)`` with features shallow to deep.
+
+        Args:
+            model: The model the taps were created on.
+            x: The input batch.
+        """
         if self.mode == 'intermediates':
             if self.token_grid:
                 final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')

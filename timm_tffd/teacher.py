@@ -1,12 +1,13 @@
-"""Teachers for SFD: creation and checked checkpoint loading, and the teacher-side feature tap with its margin.
+"""Teachers for SFD (Pei et al., IJCAI 2021): creation with checked checkpoint loading, and the teacher-side feature
+tap with its margin.
 
 ``create_teacher`` returns timm's ``DistillationTeacher`` (eval mode, frozen, re-normalizes the student's input when
 the two were trained with different mean/std). ``SFDTeacher`` taps the teacher's last-stage feature before its final
-ReLU (seed 004, eq. 10) and supplies the per-channel margin:
+ReLU and supplies the per-channel margin of SFD's feature loss (eq. 10, the margin of Overhaul, Heo et al., ICCV 2019):
 
-* ResNet-style last stage (last block ends in ``bn2 -> act2`` / ``bn3 -> act3`` with a ReLU): the feature is tapped
-  before that ReLU and the margin comes from that BN's statistics (Overhaul's ``bn_margin``; like the reference code
-  it ignores the residual added between the BN and the ReLU);
+* ResNet-style last stage (see ``timm_tffd.features.closing_block``) closed by a plain BN and a ReLU: the feature is
+  tapped before that ReLU and the margin comes from that BN's statistics (``bn_margin``; like the Overhaul reference
+  code it ignores the residual added between the BN and the ReLU);
 * any other teacher: the last-stage feature as ``forward_intermediates`` returns it, with the empirical margin (mean of
   its negative responses over the training batches seen).
 """
@@ -17,12 +18,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import create_model, load_state_dict
-from timm.models._hub import load_state_dict_from_hf
+from timm.models import create_model, load_state_dict_from_hf
 from timm.task import DistillationTeacher
 from timm.utils.model import unwrap_model
 
-from .features import FeatureTaps, resolve_stages
+from .features import FeatureTaps, closing_block, resolve_stages
+from .hub.run import load_state_dict
 from .losses.margin import EmpiricalMargin, bn_margin
 
 __all__ = ['create_teacher', 'load_teacher_checkpoint', 'check_teacher_state_dict', 'SFDTeacher']
@@ -101,7 +102,7 @@ def load_teacher_checkpoint(model: nn.Module, checkpoint: str, use_ema: bool = T
     if checkpoint.startswith('hf-hub:'):
         state_dict = load_state_dict_from_hf(checkpoint[len('hf-hub:'):], weights_only=True)
     elif os.path.isfile(checkpoint):
-        state_dict = load_state_dict(checkpoint, use_ema=use_ema, weights_only=True)
+        state_dict = load_state_dict(checkpoint, use_ema=use_ema)
     else:
         raise FileNotFoundError(f'teacher checkpoint {checkpoint!r} not found')
     state_dict = _family_filter(model, state_dict)
@@ -162,31 +163,33 @@ def create_teacher(
     return teacher
 
 
-def _closing_bn(model: nn.Module, module_name: str) -> Optional[nn.BatchNorm2d]:
-    """The BN before the final ReLU of a ResNet-style stage (last block's ``bn3 -> act3`` or ``bn2 -> act2``)."""
-    stage = model.get_submodule(module_name)
-    if not isinstance(stage, nn.Sequential) or not len(stage):
+def _margin_bn(model: nn.Module, module_name: str) -> Optional[nn.BatchNorm2d]:
+    """The BN that gives the Overhaul margin of a stage: the closing BN of a ResNet-style stage when it is an affine
+    ``BatchNorm2d`` with no activation of its own and the block closes with a ``ReLU``; ``None`` otherwise.
+
+    Args:
+        model: The teacher model.
+        module_name: The stage's ``feature_info`` module.
+    """
+    closing = closing_block(model, module_name)
+    if closing is None:
         return None
-    block = stage[-1]
-    for act_name, bn_name in (('act3', 'bn3'), ('act2', 'bn2')):
-        if hasattr(block, act_name):
-            act, bn = getattr(block, act_name), getattr(block, bn_name, None)
-            plain_bn = isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, 'act', nn.Identity()), nn.Identity)
-            return bn if isinstance(act, nn.ReLU) and plain_bn and bn.affine else None
-    return None
+    bn = closing.norm
+    plain_bn = isinstance(bn, nn.BatchNorm2d) and isinstance(getattr(bn, 'act', nn.Identity()), nn.Identity)
+    return bn if isinstance(closing.act, nn.ReLU) and plain_bn and bn.affine else None
 
 
 class SFDTeacher(nn.Module):
     """The teacher side of SFD: one stage's feature (before its final ReLU where the stage ends in BN -> ReLU) and
-    the per-channel margin of eq. 10.
+    the per-channel margin of SFD (Pei et al., IJCAI 2021), eq. 10.
 
     Args:
         teacher: A ``DistillationTeacher`` (see ``create_teacher``).
-        stage: ``feature_info`` index of the distilled stage; -1 (the last stage) in seed 004.
+        stage: ``feature_info`` index of the distilled stage; -1 (the last stage) in SFD.
 
     Attributes:
         channels, reduction, module_name: The tapped stage.
-        margin_kind: ``'bn'`` (Overhaul, from the stage's closing BN) or ``'empirical'``.
+        margin_kind: ``'bn'`` (Overhaul, Heo et al., ICCV 2019, from the stage's closing BN) or ``'empirical'``.
     """
 
     def __init__(self, teacher: DistillationTeacher, stage: int = -1):
@@ -198,7 +201,7 @@ class SFDTeacher(nn.Module):
         index = resolve_stages(model, [stage])[0]
         info = model.feature_info[index]
         self.channels, self.reduction, self.module_name = info['num_chs'], info['reduction'], info['module']
-        bn = _closing_bn(model, self.module_name)
+        bn = _margin_bn(model, self.module_name)
         self.margin_kind = 'bn' if bn is not None else 'empirical'
         self.taps = FeatureTaps(model, [index], preact=bn is not None)
         if bn is not None:
