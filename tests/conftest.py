@@ -1,4 +1,5 @@
 """Shared helpers for the training-script tests: run ``train_timm_tffd.py`` in-process or as a subprocess."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -43,3 +44,24 @@ def load_checkpoint(path) -> dict:
     import argparse
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, init_file: str):
+    """A one-thread CPU process group for a DDP test worker; destroyed on exit."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, tmp_path, world_size: int = 2) -> list:
+    """Run ``worker(rank, world_size, init_file, out_dir)`` on forked ranks; return what each saved as
+    ``out_dir/rank<r>.pt`` (forked: the workers inherit the imported modules instead of importing torch again)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(worker, args=(world_size, str(tmp_path / 'init'), str(tmp_path)), nprocs=world_size, join=True,
+                       start_method='fork')
+    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(world_size)]

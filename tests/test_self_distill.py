@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from timm.utils import distribute_bn
 
+from conftest import gloo_group, run_ranks
 from timm_tffd.self_distill import SelfDistill, parse_tau
 
 
@@ -200,9 +199,7 @@ def test_bad_input():
 
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         model = nn.parallel.DistributedDataParallel(_net())  # same init on both ranks
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sd = SelfDistill(model, 'rsd', tau=0.9, seed=rank)  # deliberately different seeds per rank
@@ -215,8 +212,6 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
             sd.step(epoch)
         torch.save({k: v.detach() for k, v in model.module.state_dict().items()},
                    os.path.join(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -227,10 +222,7 @@ def test_ddp_ranks_apply_the_same_rsd_update(tmp_path):
         sd = SelfDistill(_net(), 'rsd', tau=0.9, seed=seed)
         flags.append([sd.step(e)['flipped'] for e in range(8)])
     assert flags[0] != flags[1]
-    # fork: the workers inherit the imported modules instead of importing torch and timm again
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True,
-                       start_method='fork')
-    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    r0, r1 = run_ranks(_ddp_worker, tmp_path)
     assert r0.keys() == r1.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

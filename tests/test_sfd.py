@@ -7,14 +7,13 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from scipy import stats
 from timm.models import save_for_hf
 from timm.task import resume_task_checkpoint
 from timm.utils import distribute_bn, unwrap_model
 
+from conftest import gloo_group, run_ranks
 from timm_tffd import (
     FeatureTaps, MarginL2Loss, SelfDistill, SFDTask, SFDTeacher, TfFDConfig, create_integrator, create_teacher,
     get_tffd_state, wrap)
@@ -271,9 +270,7 @@ def test_bad_input():
 
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file):
         student = wrap(_model('test_resnet'), 'inter', warmup_epochs=0)
         task = SFDTask(student, _model('test_efficientnet', seed=3), integrator='ai', verbose=False)
         rsd = SelfDistill(task.get_trainable_module(), 'rsd', num_epochs=3, seed=rank)
@@ -291,16 +288,12 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         state = {k: v.detach() for k, v in unwrap_model(task.get_trainable_module()).state_dict().items()}
         state['margin'] = task.teacher.empirical.margin
         torch.save(state, os.path.join(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_ddp_sfd_task_stays_identical_across_ranks(tmp_path):
     # student + integrator in DDP, Tf-FD terms through DDP, empirical margin all-reduced, one RSD draw for all ranks
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True,
-                       start_method='fork')
-    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    r0, r1 = run_ranks(_ddp_worker, tmp_path)
     assert any(k.startswith('integrator.') for k in r0)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
