@@ -13,6 +13,7 @@ arguments, with train.py's names and defaults; the others are rejected by name o
 """
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,7 @@ from timm.task import (
     resume_task_checkpoint)
 from timm.utils import NativeScaler
 
-from timm_tffd import SFDTask, TfFDConfig, TfFDTask
+from timm_tffd import SFDTask, TfFDConfig, TfFDTask, diagnose_nonfinite, is_wrapped
 from timm_tffd.kd import TfFDLogitDistillationTask
 from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntropy
 from timm_tffd.self_distill import SELF_DISTILL_MODES, SelfDistill, parse_tau
@@ -661,6 +662,7 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, args, amp_autocas
         last = step == len(loader) - 1
         if step % args.log_interval == 0 or last:
             latest, means = meter.latest(args.distributed), meter.averages(args.distributed)
+            _check_diverged(means, meter, epoch, task, input)
             if primary:
                 lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
                 samples = input.shape[0] * args.world_size
@@ -676,6 +678,36 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, args, amp_autocas
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
         end = time.time()
+
+
+class _Diverged(FloatingPointError):
+    """Non-finite losses or weights: the run stops, and nothing non-finite is saved."""
+
+
+def _check_diverged(means: Dict[str, float], meter: LossMeter, epoch: int, task: TrainingTask, input: torch.Tensor):
+    """Stop on a non-finite epoch mean (read where the loop reads its values anyway, never per step)."""
+    if all(math.isfinite(v) for v in means.values()):
+        return
+    found = meter.nonfinite()  # this rank's first non-finite step, tracked on the device
+    where = f'at step {found[0]}' if found else 'on another rank'
+    names = found[1] if found else [k for k, v in means.items() if not math.isfinite(v)]
+    message = f'training diverged in epoch {epoch} {where}: non-finite {", ".join(names)}'
+    model = task.get_eval_model()
+    if is_wrapped(model):
+        stages = diagnose_nonfinite(model, input)
+        message += (f'; tapped features not finite at stage(s) {", ".join(stages)}' if stages else
+                    '; the tapped features of the current batch are finite')
+    raise _Diverged(message)
+
+
+def _check_finite_weights(task: TrainingTask, epoch: int):
+    """Before a checkpoint: the weights must be finite (one host read per epoch)."""
+    params = list(task.get_trainable_module().named_parameters())
+    if bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all()):
+        return
+    bad = [n for n, p in params if not bool(torch.isfinite(p.detach()).all())]
+    raise _Diverged(f'training diverged in epoch {epoch}: non-finite weights in {", ".join(bad[:5])}'
+                    f'{" and others" if len(bad) > 5 else ""}')
 
 
 def validate(model, loader, evaluator, args, amp_autocast, log_suffix: str = '') -> Dict[str, float]:
@@ -848,6 +880,7 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                 epoch_aware.set_epoch(epoch)
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, lr_scheduler, args, amp_autocast, loss_scaler)
+            _check_finite_weights(task, epoch)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
             if setup.self_distill is not None:  # after the BN sync: every rank mixes the same weights
@@ -856,6 +889,9 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                     _logger.info(f'Epoch {epoch}: self-distillation {update}')
 
             eval_metrics = _evaluate(args, setup, evaluator, amp_autocast) if evaluator is not None else None
+            if eval_metrics and not all(math.isfinite(v) for v in eval_metrics.values()):
+                values = ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items())
+                raise _Diverged(f'training diverged in epoch {epoch}: non-finite validation metrics ({values})')
             latest_metric = (eval_metrics or train_metrics)[eval_metric]
 
             if saver is not None:
@@ -872,7 +908,11 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                              f'top-1 {eval_metrics["top1"]:.2f}  top-5 {eval_metrics["top5"]:.2f}')
     except KeyboardInterrupt:
         _logger.warning('Interrupted.')
-    except (ValueError, FloatingPointError) as e:  # a diverged run, or an option that does not fit the feature maps
+    except _Diverged as e:
+        resume = f'; the last good checkpoint is {os.path.join(output_dir, "last.pth.tar")}' if saved else ''
+        raise SystemExit(f'error: {e}. Lower the learning rate (or the loss weights), or train in float32{resume}') \
+            from None
+    except (ValueError, FloatingPointError) as e:  # an option that does not fit the feature maps
         _logger.debug('training stopped', exc_info=True)
         raise SystemExit(f'error: training stopped: {e}') from None
     finally:

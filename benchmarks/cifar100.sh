@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce seed 001's (TFD, IJCNN 2022) CIFAR-100 table: ResNet-20 / ResNet-32 / WRN-16-2 / WRN-40-1, each as
+# Reproduce the CIFAR-100 table of TFD (Li et al., IJCNN 2022): ResNet-20 / ResNet-32 / WRN-16-2 / WRN-40-1, each as
 # baseline, TFD (inter-layer Tf-FD) and TFD with label smoothing (TFD-dagger), with the reference code's settings:
 # 240 epochs, SGD nesterov momentum 0.9, lr 0.1 x0.1 at epochs 150/180/210, weight decay 5e-4, batch 128,
 # pad-4 random crop + horizontal flip, Tf-FD weight warm-up over 20 epochs.
@@ -8,7 +8,7 @@
 #
 # DATA_DIR holds CIFAR-100 as torchvision stores it (DATA_DIR/cifar-100-python/); on a machine with internet the
 # first run downloads it there (--dataset-download). Results: output/cifar100/<model>-<method>-seed<N>/summary.csv.
-# Reported (seed 001, best of 3): ResNet-20 69.06 -> 70.56 (71.11 with LS), ResNet-32 71.14 -> 72.73 (73.22),
+# Reported by TFD (best of 3): ResNet-20 69.06 -> 70.56 (71.11 with LS), ResNet-32 71.14 -> 72.73 (73.22),
 # WRN-16-2 73.26 -> 74.4 (75.0), WRN-40-1 71.98 -> 73.1 (74.02).
 set -euo pipefail
 cd "$(dirname "$0")/.."

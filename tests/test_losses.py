@@ -93,6 +93,20 @@ def _torch_pairwise(feats, pairs):
     return total / len(pairs)
 
 
+def _torch_intra(feats, detach_salient=False):
+    """The definition with autograd: pairs by indexing, the mean squared error, the mean over stages. Channels are
+    ranked by the library's ``norm`` saliency (tested against the reference code's formula on its own), so that both
+    sides pair the same channels."""
+    total = 0.
+    for f in feats:
+        with torch.no_grad():
+            order = SALIENCY['norm'](f).argsort(descending=True)
+        half = f.shape[1] // 2
+        salient = f[:, order[:half]]
+        total = total + F.mse_loss(f[:, order[half:2 * half]], salient.detach() if detach_salient else salient)
+    return total / len(feats)
+
+
 @pytest.mark.parametrize('direction', ['top-down', 'bottom-up', 'bidirectional'])
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_inter_equal_shape_runs_match_pairwise(direction, layout):
@@ -111,6 +125,74 @@ def test_inter_equal_shape_runs_match_pairwise(direction, layout):
             assert g.grad is None
         else:
             torch.testing.assert_close(g.grad, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def _check_against_pairwise(feats, pairs, direction, rtol=1e-12):
+    """Value and gradient of every map of ``inter_layer_loss`` against ``_torch_pairwise``."""
+    got = [f.clone().requires_grad_() for f in feats]
+    want = [f.clone().requires_grad_() for f in feats]
+    value = inter_layer_loss(got, pairs, direction)
+    expected = _torch_pairwise(want, inter_layer_pairs(len(feats), pairs, direction))
+    torch.testing.assert_close(value, expected, rtol=rtol, atol=0)
+    value.backward()
+    expected.backward()
+    for g, w in zip(got, want):
+        if w.grad is None:  # a map that is only ever a target
+            assert g.grad is None
+        else:
+            torch.testing.assert_close(g.grad, w.grad, rtol=rtol, atol=1e-15)
+
+
+# Spatial chains where some ratios are not integers: adaptive pooling does not compose, so a size must never be pooled
+# from an adaptively pooled map (19 -> 10 -> 5 is not 19 -> 5, nor 15 -> 10 -> 5 the exact 15 -> 5).
+CHAINS = {
+    '19-10-5': (19, 10, 5),
+    '15-10-5': (15, 10, 5),
+    '12-6-4-3': (12, 6, 4, 3),  # exact 12 -> 6 -> 3 and 12 -> 4 beside adaptive 6 -> 4 and 4 -> 3
+    'rect-19x12-10x6-5x3': ((19, 12), (10, 6), (5, 3)),
+}
+
+
+@pytest.mark.parametrize('pairs,direction', [('all', 'top-down'), ('all', 'bottom-up'), ('all', 'bidirectional'),
+                                             ('adjacent', 'top-down')])
+@pytest.mark.parametrize('chain', list(CHAINS))
+def test_inter_pooling_chains_match_adaptive_pooling_of_each_map(chain, pairs, direction):
+    sizes = [s if isinstance(s, tuple) else (s, s) for s in CHAINS[chain]]
+    feats = _features(7, [(2, 3 + i, h, w) for i, (h, w) in enumerate(sizes)])
+    _check_against_pairwise(feats, pairs, direction)
+
+
+@pytest.mark.parametrize('direction', ['top-down', 'bidirectional'])
+def test_inter_resnet18_at_152px_matches_adaptive_pooling_of_each_map(direction):
+    # stage maps of 38, 19, 10 and 5 pixels: 38 -> 19 and 10 -> 5 are exact, the rest adaptive
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18').eval()
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(torch.randn(2, 3, 152, 152), indices=[1, 2, 3, 4])
+    assert [m.shape[-1] for m in maps] == [38, 19, 10, 5]
+    _check_against_pairwise([m.double() for m in maps], 'all', direction)
+
+
+@pytest.mark.parametrize('shapes', [((2, 4, 8, 8), (2, 6, 4, 4)), ((2, 5, 4, 4),) * 3])  # pooled pair / equal run
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_inter_float16_differences_above_256_stay_finite(shapes, layout):
+    # float16 outside autocast: a difference above 256 squares past float16's 65504
+    feats = [300 * f for f in _features(8, shapes)]
+    ref = [f.clone().requires_grad_() for f in feats]
+    expected = _torch_pairwise(ref, inter_layer_pairs(len(feats)))
+    expected.backward()
+    assert expected.item() > 65504
+    leaves = [f.half().requires_grad_() for f in feats]
+    got = inter_layer_loss([_as_layout(f, layout) for f in leaves])
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), rel=1e-3)
+    got.backward()
+    for leaf, r in zip(leaves, ref):
+        if r.grad is None:
+            assert leaf.grad is None
+        else:
+            assert leaf.grad.dtype == torch.float16 and torch.isfinite(leaf.grad).all()
+            torch.testing.assert_close(leaf.grad.double(), r.grad, rtol=1e-2, atol=1e-3)
 
 
 def test_inter_run_value_is_stable_in_float32():
@@ -221,13 +303,8 @@ def test_functional_errors():
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('channels', [6, 7])
-@pytest.mark.parametrize('chunk_numel', [None, 54])  # 54: temporaries of two samples at a time (3 chunks)
-def test_paired_channel_mse_gradients_match_autograd(layout, channels, chunk_numel, monkeypatch):
-    from timm_tffd.losses import intra
+def test_paired_channel_mse_gradients_match_autograd(layout, channels):
     from timm_tffd.losses.intra import paired_channel_mse
-    if chunk_numel:
-        monkeypatch.setattr(intra, '_CHUNK_NUMEL', chunk_numel)
-        assert len(intra._batch_chunks(torch.empty(5, channels, 3, 3), 3)) == 3
     f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
     expected_value = F.mse_loss(f[:, [1, 5, 2]], f[:, [4, 0, 6 if channels == 7 else 3]])
     assert paired_channel_mse(f, torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])).item() \
@@ -247,16 +324,6 @@ def test_paired_channel_mse_gradients_match_autograd(layout, channels, chunk_num
             assert (got[:, salient] == 0).all()
 
 
-@pytest.mark.parametrize('kernel', [(1, 2), (2, 1), (2, 2), (3, 3), (4, 2)])
-def test_avg_pool_kernels_match_reference(kernel):
-    from timm_tffd.losses.inter import _avg_pool
-    x = _features(5, ((2, 3, 12, 12),))[0]
-    size = (12 // kernel[0], 12 // kernel[1])
-    np.testing.assert_allclose(_avg_pool(x, kernel).numpy(), _np_pool(x.numpy(), size), rtol=1e-12)
-    x = x.contiguous(memory_format=torch.channels_last)
-    np.testing.assert_allclose(_avg_pool(x, kernel).numpy(), _np_pool(x.numpy(), size), rtol=1e-12)
-
-
 def test_inter_pooling_composes_for_non_integer_ratios():
     # 7x7 -> 3x3 is not an integer ratio: adaptive pooling is used, matching F.adaptive_avg_pool2d
     a, b = torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
@@ -264,37 +331,108 @@ def test_inter_pooling_composes_for_non_integer_ratios():
     torch.testing.assert_close(inter_layer_loss([a, b]), expected)
 
 
-
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_intra_float16_maps_with_large_values_stay_finite(layout):
     # AMP's float16 maps: differences of a few hundred square past float16's 65504
     f = _features(6, ((2, 6, 4, 4),))[0]
     f += torch.tensor([0., 3., 1., 5., 2., 4.], dtype=f.dtype)[:, None, None]  # well-separated saliencies
-    f = (300 * f).half()
-    expected = _np_intra_stage(f.double())
+    f = (300 * f).half().requires_grad_()
+    expected = _np_intra_stage(f.detach().double())
     got = intra_layer_loss([_as_layout(f, layout)])
     assert torch.isfinite(got) and got.item() == pytest.approx(expected, rel=1e-3)
     assert expected > 65504
+    got.backward()
+    ref = f.detach().double().requires_grad_()
+    _torch_intra([ref]).backward()
+    assert f.grad.dtype == torch.float16 and torch.isfinite(f.grad).all()
+    torch.testing.assert_close(f.grad.double(), ref.grad, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize('use_sink', [False, True])
-def test_pooling_backward_in_batch_chunks_matches_avg_pool2d(use_sink, monkeypatch):
-    """Contiguous maps: the pooling backward writes (alone) or adds (after intra, into the shared buffer) its
-    gradient a few samples at a time; the result equals autograd through avg_pool2d."""
-    from timm_tffd.losses import inter
-    from timm_tffd.losses.sink import sink_features
-    monkeypatch.setattr(inter, '_CHUNK_NUMEL', 4 * 4 * 4 * 2)  # one sample per chunk: 5 chunks
-    g = torch.Generator().manual_seed(4)
-    leaves = [torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64).requires_grad_(),
-              torch.randn(5, 6, 4, 4, generator=g, dtype=torch.float64).requires_grad_()]
+def _leaves(shapes, layout, seed=0):
+    """Float64 leaves and differentiable views of them in ``layout`` (see ``_as_layout``)."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    return leaves, [_as_layout(f, layout) for f in leaves]
 
+
+TERM_SHAPES = {
+    'cnn': ((3, 4, 8, 8), (3, 7, 4, 4), (3, 8, 2, 2)),  # odd channel count: a channel left out of intra
+    'isotropic': ((3, 6, 4, 4),) * 4 + ((3, 5, 2, 2),),  # an equal-shape run (inter's O(L) path) and a rest pair
+}
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('shapes', list(TERM_SHAPES))
+@pytest.mark.parametrize('detach_salient', [False, True])
+@pytest.mark.parametrize('frozen_first', [False, True])
+def test_terms_gradients_equal_plain_autograd(layout, shapes, detach_salient, frozen_first):
+    """inter + intra beside a plain autograd term on the same maps, against the definitions with plain autograd."""
     def loss(maps, reference):
-        pooled = F.avg_pool2d(maps[0], 2) if reference else None
-        inter_term = F.mse_loss(pooled, maps[1][:, :4].detach()) if reference else inter_layer_loss(maps)
-        return inter_term + 0.3 * intra_layer_loss(maps)
+        if frozen_first:  # e.g. a frozen first stage: a map that needs no gradient
+            maps = [maps[0].detach()] + maps[1:]
+        if reference:
+            inter = _torch_pairwise(maps, inter_layer_pairs(len(maps)))
+            intra = _torch_intra(maps, detach_salient)
+        else:
+            inter, intra = inter_layer_loss(maps), intra_layer_loss(maps, detach_salient=detach_salient)
+        return 0.7 * inter + 0.3 * intra + sum((m * m.detach().sin()).mean() for m in maps)
 
-    expected = torch.autograd.grad(loss(leaves, True), leaves)
-    maps = [m.view_as(m) for m in leaves]
-    got = torch.autograd.grad(loss(sink_features(maps) if use_sink else maps, False), leaves)
-    for e, r in zip(expected, got):
-        torch.testing.assert_close(r, e, rtol=1e-12, atol=1e-14)
+    leaves, maps = _leaves(TERM_SHAPES[shapes], layout)
+    expected = torch.autograd.grad(loss(maps, True), leaves[frozen_first:])
+    leaves, maps = _leaves(TERM_SHAPES[shapes], layout)
+    got = torch.autograd.grad(loss(maps, False), leaves[frozen_first:])
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_second_order_gradients_through_the_terms(layout):
+    """A gradient penalty on the Tf-FD terms: create_graph backward, then backward again. Reference: the same terms
+    written with plain autograd ops (pool by avg_pool2d, pairs by indexing)."""
+    def reference(maps):
+        f0, f1, f2 = maps
+        inter = (F.mse_loss(F.avg_pool2d(f0, 2), f1[:, :4].detach()) + F.mse_loss(F.avg_pool2d(f0, 4),
+                 f2[:, :4].detach()) + F.mse_loss(F.avg_pool2d(f1, 2)[:, :7], f2[:, :7].detach())) / 3
+        intra = 0.
+        for f in maps:
+            with torch.no_grad():
+                order = SALIENCY['norm'](f).argsort(descending=True)
+            half = f.shape[1] // 2
+            intra = intra + F.mse_loss(f[:, order[half:2 * half]], f[:, order[:half]])
+        return inter + intra / 3
+
+    def penalty_grad(fn):
+        leaves, maps = _leaves(TERM_SHAPES['cnn'], layout)
+        grads = torch.autograd.grad(fn(maps), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+
+    expected = penalty_grad(reference)
+    got = penalty_grad(lambda m: inter_layer_loss(m) + intra_layer_loss(m))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('family', ['resnet', 'swin', 'vit'])
+def test_wrapped_model_terms_equal_plain_autograd(family):
+    """On the maps a wrapped model taps (NCHW stage outputs, Swin's permuted NHWC maps, a ViT's token views without
+    the class token), the terms and the parameter gradients they give equal the definitions with plain autograd."""
+    import timm_tffd
+    from test_wrap import _create
+    model, x = _create(family)
+    model = timm_tffd.wrap(model, 'inter,intra')
+    model.train()
+    model(x)
+    stash = timm_tffd.get_tffd_state(model).take()
+    feats = stash.features
+    params = [p for p in model.parameters() if p.requires_grad]
+    inter, intra = stash.terms['inter'], stash.terms['intra']
+    ref_inter, ref_intra = _torch_pairwise(feats, inter_layer_pairs(len(feats))), _torch_intra(feats)
+    torch.testing.assert_close(inter, ref_inter)
+    torch.testing.assert_close(intra, ref_intra)
+    got = torch.autograd.grad(inter + intra, params, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(ref_inter + ref_intra, params, allow_unused=True)
+    assert sum(e is not None for e in expected) > 0
+    for e, g in zip(expected, got):
+        assert (e is None) == (g is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

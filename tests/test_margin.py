@@ -1,4 +1,5 @@
-"""SFD loss (seed 004, eq. 10) and the Overhaul / empirical margins, against values computed here independently."""
+"""SFD's loss (SFD (Pei et al., IJCAI 2021), eq. 10) and the Overhaul / empirical margins, against values computed
+here independently."""
 import numpy as np
 import pytest
 import torch
@@ -66,6 +67,25 @@ def test_loss_matches_elementwise_eq10(normalizer):
     want = _eq10(s.double().numpy(), y.double().numpy(), m.double().numpy(), normalizer)
     assert margin_l2_loss(s, y, m, normalizer).item() == pytest.approx(want, rel=1e-5)
     assert MarginL2Loss(normalizer)(s, y, m).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_keeps_float64_and_lifts_half_to_float32():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64) + 1e-9  # detail below float32's resolution
+    y = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    m = -torch.rand(3, generator=g, dtype=torch.float64)
+    s.requires_grad_()
+    got = margin_l2_loss(s, y, m, 1.)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(_eq10(s.detach().numpy(), y.numpy(), m.numpy(), 1.), rel=1e-13)
+    got.backward()
+    t = torch.maximum(y, m.view(1, -1, 1, 1))
+    keep = ~((s.detach() <= t) & (t <= 0))
+    torch.testing.assert_close(s.grad, 2 * (s.detach() - t) * keep / s.shape[0], rtol=1e-13, atol=0)
+    # float16 features (AMP): the squares of differences above 256 are summed in float32
+    half = margin_l2_loss(torch.full((1, 1, 1, 1), 300., dtype=torch.float16), torch.zeros(1, 1, 1, 1,
+                          dtype=torch.float16), torch.tensor([-1.], dtype=torch.float16), 1.)
+    assert half.dtype == torch.float32 and half.item() == 90000.
 
 
 def test_loss_zero_below_negative_target_positive_otherwise():

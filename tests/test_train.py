@@ -416,8 +416,8 @@ def test_bad_input(run_train, tmp_path, capsys, argv, message):
 
 
 def test_run_failing_in_first_epoch_leaves_no_folder(run_train, tmp_path):
-    # A learning rate this large overflows the features after the first update; Tf-FD's finite check stops the run.
-    with pytest.raises(SystemExit, match=r'training stopped: Tf-FD term\(s\) .* are not finite'):
+    # A learning rate this large overflows the features after the first update; the log-interval check stops the run.
+    with pytest.raises(SystemExit, match=r'training diverged in epoch 0 at step 1: non-finite loss'):
         run_train(*TINY, '--tffd', 'inter', '--lr', '1e30', '--experiment', 'diverged')
     assert not os.path.exists(tmp_path / 'out' / 'diverged')
 
@@ -525,3 +525,42 @@ def test_timm_defaults():
     # every train.py argument, supported or not, keeps timm's default; only the device is picked at run time
     differ = [k for k, (_, default) in TIMM_TRAIN_ARGS.items() if getattr(args, k) != default]
     assert differ == ['device']
+
+
+def test_loss_meter_means_and_first_non_finite_step():
+    from timm_tffd.loss_meter import LossMeter
+    meter = LossMeter()
+    meter.update({'loss': torch.tensor(2.), 'tffd_inter': torch.tensor(1.), 'output': torch.zeros(3)}, 2)
+    meter.update({'loss': torch.tensor(5.), 'tffd_inter': torch.tensor(3.)}, 1)
+    assert meter.averages() == {'loss': 3.0, 'tffd_inter': pytest.approx(5 / 3)} and meter.nonfinite() is None
+    meter.update({'loss': torch.tensor(1.), 'tffd_inter': torch.tensor(float('nan'))}, 1)
+    meter.update({'loss': torch.tensor(float('inf')), 'tffd_inter': torch.tensor(1.)}, 1)
+    assert meter.nonfinite() == (2, ['loss', 'tffd_inter'])  # the first bad update, and every entry it spoiled
+    meter.reset()
+    assert meter.nonfinite() is None and meter.averages() == {}
+
+
+@pytest.mark.parametrize('extra', [[], ['--tffd', 'inter,intra', '--tffd-warmup-epochs', '0']])
+def test_diverged_run_stops_without_a_non_finite_checkpoint(run_train, tmp_path, extra):
+    with pytest.raises(SystemExit) as e:
+        run_train(*TINY, '--max-train-samples', '320', '--lr', '1e6', *extra, '--experiment', 'nan')
+    message = str(e.value.code)
+    assert message.startswith('error: training diverged in epoch 0 at step 2: non-finite loss'), message
+    assert ('tapped features not finite at stage(s) 1:layer1' in message) == bool(extra), message
+    out = tmp_path / 'out' / 'nan'
+    saved = sorted(out.glob('*.pth.tar')) if out.exists() else []
+    if saved:
+        assert 'the last good checkpoint is' in message
+    for path in saved:  # whatever was saved is finite
+        state = load_checkpoint(path)['state_dict']
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+    rows = read_summary(out) if saved else []
+    assert len(rows) == len({p.name for p in saved if p.name.startswith('checkpoint-')})
+    assert all(math.isfinite(float(v)) for r in rows for v in r.values())
+
+
+def test_non_finite_validation_stops_before_the_checkpoint(run_train, tmp_path):
+    with pytest.raises(SystemExit) as e:  # two steps: finite training loss, huge weights, NaN validation loss
+        run_train(*TINY, '--lr', '1e6', '--experiment', 'nan')
+    assert str(e.value.code).startswith('error: training diverged in epoch 0: non-finite validation metrics (loss nan')
+    assert not (tmp_path / 'out' / 'nan').exists()

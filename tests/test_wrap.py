@@ -167,11 +167,44 @@ def test_criterion_needs_fresh_training_forward():
 def test_non_finite_features_are_reported():
     model, x = _create('resnet')
     wrap(model).train()
-    crit = TfFDLoss(nn.CrossEntropyLoss(), model)
+    crit = TfFDLoss(nn.CrossEntropyLoss(), model, check_finite=True)
     with torch.no_grad():
         model.layer3[0].conv1.weight.fill_(float('inf'))
     with pytest.raises(FloatingPointError, match=r"stage\(s\) \['3:layer3', '4:layer4'\]"):
         crit(model(x), torch.zeros(4, dtype=torch.long))
+    assert timm_tffd.diagnose_nonfinite(model, x) == ['3:layer3', '4:layer4']
+    # by default nothing is checked in the step: the terms come back non-finite for the loop to find
+    result = TfFDLoss(nn.CrossEntropyLoss(), model).compute(model(x), torch.zeros(4, dtype=torch.long))
+    assert not torch.isfinite(result['tffd_inter'])
+
+
+@pytest.mark.parametrize('family', ['resnet', 'vit', 'convnext'])
+def test_default_step_reads_no_tensor_value_on_the_host(family, monkeypatch):
+    """A default training step (forward, Tf-FD loss, backward, optimizer step) never waits for the device."""
+    model, x = _create(family)
+    task = TfFDTask(model, nn.CrossEntropyLoss(), verbose=False).train()
+    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.01, momentum=0.9)
+    target = torch.arange(4) % 5
+    reads = []
+    for name in ('__bool__', 'item', 'tolist', '__float__', '__int__', '__index__'):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(2):
+        result = task(x, target)
+        result['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.isfinite(result['loss'])
+    # the counter does see a read
+    monkeypatch.setattr(torch.Tensor, '__bool__', lambda self: reads.append('__bool__') or True)
+    bool(result['loss'] > 0)
+    assert reads == ['__bool__']
 
 
 def test_schedule():
@@ -239,17 +272,27 @@ def test_task_dict_state_and_ema():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['resnet', 'vit'])  # vit: token views and the O(L) run of equal-shape maps
-def test_task_compiles(family):
+@pytest.mark.parametrize('family', ['resnet', 'vit', 'convnext'])  # vit: token views and runs of equal-shape maps
+def test_task_compiles_without_graph_breaks(family):
+    """The task compiled as the training script's --torchcompile compiles it (timm's ``task.compile``, inductor):
+    one graph, no break, and the same loss, terms and parameter gradients as eager."""
     model, x = _create(family)
-    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=TfFDConfig(warmup_epochs=0), verbose=False)
+    task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=TfFDConfig(warmup_epochs=0), verbose=False).train()
+    explanation = torch._dynamo.explain(task.trainable_module)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    timm_tffd.get_tffd_state(model).take()  # explain ran one forward
+
     eager = copy.deepcopy(task).train()
-    task.compile(backend='aot_eager')
-    task.train()
-    target = torch.zeros(4, dtype=torch.long)
+    task.compile(backend='inductor')
+    target = torch.arange(4) % 5
     got, want = task(x, target), eager(x, target)
-    for key in ('loss', 'tffd_inter', 'tffd_intra'):
-        torch.testing.assert_close(got[key], want[key])
+    for key in ('loss', 'tffd', 'tffd_inter', 'tffd_intra'):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    got['loss'].backward()
+    want['loss'].backward()
+    compiled_params = dict(model.named_parameters())  # the compiled module shares them
+    for name, p in eager.get_trainable_module().named_parameters():
+        torch.testing.assert_close(compiled_params[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 class _NoFeatureInfo(nn.Module):
@@ -291,3 +334,25 @@ def test_preact_needs_resnet_style_stage():
     with pytest.raises(ValueError, match='pre-activation features need a ResNet-style stage'):
         wrap(model, preact=True)
     assert not timm_tffd.is_wrapped(model)
+
+
+def test_wrapped_model_saved_whole_loads_back(tmp_path):
+    model, x = _create('resnet')
+    wrap(model, 'inter,intra', warmup_epochs=0)
+    path = tmp_path / 'whole.pt'
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)  # a whole module is a pickle: only for files one made oneself
+    assert timm_tffd.is_wrapped(loaded) and timm_tffd.get_tffd_state(loaded).config == timm_tffd.get_tffd_state(
+        model).config
+    for m in (model, loaded, copy.deepcopy(model)):
+        m.train()
+        torch.manual_seed(0)
+        out = m(x)
+        result = TfFDLoss(nn.CrossEntropyLoss(), m).compute(out, torch.arange(4) % 5)
+        result['loss'].backward()
+        m.zero_grad()
+        if m is model:
+            want = result['loss'].detach()
+        else:
+            torch.testing.assert_close(result['loss'].detach(), want)
+    assert unwrap(loaded) is loaded and not timm_tffd.is_wrapped(loaded)

@@ -22,4 +22,4 @@ from .sfd import SFDTask, SFDTrainableModule
 from .task import TfFDTask, TfFDTaskMixin
 from .teacher import SFDTeacher, create_teacher, load_teacher_checkpoint
 from .version import __version__
-from .wrap import get_tffd_state, is_wrapped, tapped_features, unwrap, wrap
+from .wrap import diagnose_nonfinite, get_tffd_state, is_wrapped, nonfinite_stages, tapped_features, unwrap, wrap

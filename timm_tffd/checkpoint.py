@@ -1,12 +1,8 @@
 """``AtomicCheckpointSaver``: timm's ``CheckpointSaver`` with every file written atomically.
 
-timm's saver writes a checkpoint to ``tmp.pth.tar`` and renames it to ``last.pth.tar``, but it deletes the old
-``last`` before the rename, creates ``checkpoint-N`` / ``model_best`` by deleting the old file and then hard-linking or
-copying in place (an interrupted copy leaves a truncated file under the final name), and never flushes to disk. Here
-each file appears complete or not at all: content goes to a ``.partial`` scratch file, is flushed and fsynced, and is
-renamed over its target with ``os.replace`` alone (atomic on POSIX, and on Windows within one volume). A failed or
-interrupted write removes its scratch file and re-raises; the files from earlier epochs are untouched, so the last
-good checkpoint survives a run killed during a save.
+Each file (checkpoint, ``last``, ``model_best``, recovery, ``args.yaml``) is written to a ``.partial`` scratch file,
+fsynced and renamed over its target with ``os.replace``, so it appears complete or not at all and a run killed during
+a save keeps the files of its earlier epochs. What timm's saver does differently: docs/design.md.
 """
 import os
 import shutil

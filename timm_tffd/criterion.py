@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import TfFDConfig
-from .wrap import get_tffd_state
+from .wrap import get_tffd_state, nonfinite_stages
 
 __all__ = ['TfFDLoss']
 
@@ -27,11 +27,12 @@ class TfFDLoss(nn.Module):
             SoftTargetCrossEntropy, BinaryCrossEntropy, ...).
         model: The model returned by ``timm_tffd.wrap()`` (DDP / compiled wrappers are looked through); its
             ``TfFDConfig`` gives the weights and their schedule.
-        check_finite: Raise ``FloatingPointError`` naming the stage when a Tf-FD term is not finite (one host sync
-            per step).
+        check_finite: Raise ``FloatingPointError`` at once, naming the stages, when a Tf-FD term is not finite. It
+            reads the terms on the host every step (a stall on GPU), so it is off by default: a training loop finds
+            non-finite terms where it reads its loss values anyway (the training script's log interval).
     """
 
-    def __init__(self, base_loss: nn.Module, model: nn.Module, check_finite: bool = True):
+    def __init__(self, base_loss: nn.Module, model: nn.Module, check_finite: bool = False):
         super().__init__()
         self.base_loss = base_loss
         self.state = get_tffd_state(model)
@@ -83,9 +84,7 @@ class TfFDLoss(nn.Module):
         terms = torch.stack([t.detach().float() for t in stash.terms.values()])
         if bool(torch.isfinite(terms).all()):
             return
-        taps = self.state.taps
-        bad = [f'{i}:{m}' for f, i, m in zip(stash.features, taps.indices, taps.modules)
-               if not bool(torch.isfinite(f.detach()).all())]
+        bad = nonfinite_stages(self.state.taps, stash.features)
         names = [n for n, t in stash.terms.items() if not bool(torch.isfinite(t.detach()).all())]
         where = f'non-finite values in stage(s) {bad}' if bad else 'finite features but an overflowing loss'
         raise FloatingPointError(f'Tf-FD term(s) {names} are not finite: {where}. Lower the learning rate or the '

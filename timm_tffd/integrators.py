@@ -1,9 +1,10 @@
-"""SFD feature integrators: LI, AI and RI (seed 004, section 3.1, eqs. 2 to 4).
+"""SFD feature integrators: LI, AI and RI (SFD (Pei et al., IJCAI 2021), section 3.1, eqs. 2 to 4).
 
 An integrator maps student stage features to the shape ``c x h x w`` of the teacher's last-stage feature. It is
 trained with the student and dropped afterwards: the exported model is the plain student.
 
-Where the paper's channel counts do not type-check, these modules take the reading that does:
+Where the paper's channel counts do not type-check, these modules take the reading that does (departures from the
+paper, also listed in docs/sfd.md):
 
 * AI (eq. 3): ``Conv3`` is written ``c_mid x c_mid``, but its input is ``Conv2``'s output (``c_mid / 16`` channels), so
   ``Conv3`` maps ``c_mid / 16 -> c_mid`` (a squeeze-excitation gate). ``c_mid / 16`` is floored, at least 1.
@@ -28,7 +29,7 @@ Size = Tuple[int, int]
 
 
 def rescale(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """Seed 004's ``Rescale``: average-pool down when the map is at least as large as ``size`` in both dimensions,
+    """SFD's ``Rescale``: average-pool down when the map is at least as large as ``size`` in both dimensions,
     bilinear interpolation otherwise (up, or mixed up/down); identity when the size already matches."""
     size = tuple(size)
     if tuple(x.shape[-2:]) == size:
@@ -48,7 +49,7 @@ class _Integrator(nn.Module):
         student_channels = [int(c) for c in student_channels]
         if len(student_channels) < self.num_stages:
             raise ValueError(
-                f'{type(self).__name__} integrates the last {self.num_stages} student stage(s) (seed 004, sec. 3.1), '
+                f'{type(self).__name__} integrates the last {self.num_stages} student stage(s) (SFD, sec. 3.1), '
                 f'but the student has {len(student_channels)}: {student_channels}')
         if len(teacher_shape) != 3 or min(teacher_shape) < 1:
             raise ValueError(f'teacher_shape must be (c, h, w) with positive sizes, got {tuple(teacher_shape)}')
@@ -157,7 +158,7 @@ def create_integrator(name: str, student_channels: Sequence[int], teacher_shape:
     """Create an SFD integrator.
 
     Args:
-        name: ``'li'``, ``'ai'`` or ``'ri'`` (seed 004 uses RI by default).
+        name: ``'li'``, ``'ai'`` or ``'ri'`` (SFD's default is RI).
         student_channels: Channels of the student stages, shallow to deep; LI and AI use the last three, RI the last.
         teacher_shape: ``(c, h, w)`` of the teacher's last-stage feature; ``(h, w)`` is the default output size.
     """

@@ -47,7 +47,7 @@ class TfFDLogitDistillationTask(TfFDTaskMixin, LogitDistillationTask):
             teacher_model: Union[str, nn.Module, DistillationTeacher],
             criterion: Optional[nn.Module] = None,
             tffd: TfFDSetting = None,
-            check_finite: bool = True,
+            check_finite: bool = False,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             teacher_pretrained_path: Optional[str] = None,
             teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,

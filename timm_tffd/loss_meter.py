@@ -5,7 +5,7 @@ gets its own log entry and ``summary.csv`` column. Values accumulate as detached
 costs no host synchronization; they are read, and averaged over distributed ranks, only when asked.
 """
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,8 @@ class LossMeter:
         self.sums: Dict[str, torch.Tensor] = OrderedDict()
         self.last: Dict[str, torch.Tensor] = OrderedDict()
         self.count = 0
+        self.steps = 0
+        self.first_nonfinite: Optional[torch.Tensor] = None  # on the device: first step with a non-finite value
 
     def update(self, result: Dict[str, Any], n: int):
         """Add one batch's result dict, weighted by its batch size ``n``."""
@@ -43,7 +45,24 @@ class LossMeter:
                 continue
             self.last[name] = value
             self.sums[name] = self.sums[name] + value * n if name in self.sums else value * n
+        if self.last:  # a non-finite value makes its sum non-finite for good; remember the step, on the device
+            finite = torch.isfinite(torch.stack(list(self.last.values()))).all()
+            if self.first_nonfinite is None:
+                self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=finite.device)
+            unseen = self.first_nonfinite < 0
+            self.first_nonfinite = torch.where(unseen & ~finite, self.steps, self.first_nonfinite)
         self.count += n
+        self.steps += 1
+
+    def nonfinite(self) -> Optional[Tuple[int, List[str]]]:
+        """``(step, names)`` of the first update since ``reset`` with a non-finite value and the entries whose sums are
+        not finite (on this rank), or ``None``. Reads the device: call it where values are read anyway."""
+        if self.first_nonfinite is None:
+            return None
+        step = int(self.first_nonfinite)
+        if step < 0:
+            return None
+        return step, [k for k, v in self.sums.items() if not bool(torch.isfinite(v))]
 
     def _read(self, values: Dict[str, torch.Tensor], divisor: torch.Tensor, distributed: bool):
         if not values:

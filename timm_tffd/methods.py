@@ -95,7 +95,6 @@ def _check_two_stages(ctx: MethodContext, method: str):
 
 class InterLayer:
     """Inter-layer Tf-FD over fixed pairs (see ``timm_tffd.losses.inter``)."""
-    fused_backward = True  # one backward node for a whole run of equal-shape maps (see wrap's forward)
 
     def __init__(self, pairs: str, direction: str):
         self.pairs, self.direction = pairs, direction
@@ -163,9 +162,7 @@ def _build_m2o(ctx: MethodContext, m2o_pairs: str = 'all', m2o_remainder: str = 
     if narrower:
         raise ValueError(f'many-to-one distillation needs at least as many channels in the deep stage as in the '
                          f'shallow one; deep stages with fewer: {", ".join(narrower)}. Choose stages= or m2o_pairs=')
-    fn = functools.partial(many_to_one_loss, pairs=m2o_pairs, remainder=m2o_remainder)
-    fn.fused_backward = True  # as inter-layer's
-    return fn
+    return functools.partial(many_to_one_loss, pairs=m2o_pairs, remainder=m2o_remainder)
 
 
 # Default weights: inter's 0.005 for both (SFR gives none); docs/sfr.md explains why equal weights give the three

@@ -122,7 +122,7 @@ class SFDTask(TfFDTaskMixin, TrainingTask):
             criterion: Optional[nn.Module] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             tffd: TfFDSetting = None,
-            check_finite: bool = True,
+            check_finite: bool = False,
             student_mean: Optional[Sequence[float]] = None,
             student_std: Optional[Sequence[float]] = None,
             teacher_mean: Optional[Sequence[float]] = None,

@@ -84,7 +84,7 @@ class TfFDTask(TfFDTaskMixin, ClassificationTask):
             model: nn.Module,
             criterion: Optional[nn.Module] = None,
             tffd: TfFDSetting = None,
-            check_finite: bool = True,
+            check_finite: bool = False,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,

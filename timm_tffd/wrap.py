@@ -6,6 +6,8 @@ only in training mode: it taps the selected stages in the same pass that produce
 Tf-FD terms, and leaves them for ``TfFDLoss`` to take exactly once. In eval mode the class's own forward runs
 untouched.
 """
+import copy
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -14,11 +16,11 @@ import torch.nn as nn
 from timm.utils.model import unwrap_model
 
 from .features import FeatureTaps
-from .losses.sink import sink_features
 from .config import TfFDConfig
 from .methods import MethodContext, get_method
 
-__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'TfFDState', 'TfFDStash']
+__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'nonfinite_stages', 'diagnose_nonfinite',
+           'TfFDState', 'TfFDStash']
 
 _ATTR = '_tffd_state'
 
@@ -44,10 +46,6 @@ class TfFDState:
         self.config = config
         self.taps = taps
         self.methods = methods
-        # Autograd runs the node created last first. Terms whose backward writes whole maps at once (inter: its
-        # pooling and its runs of equal-shape maps; m2o) are computed last: their gradients fill the maps' buffers
-        # first and the other terms' (intra's, by channel index) are added into them in place.
-        self.compute_order = sorted(methods, key=lambda n: getattr(methods[n], 'fused_backward', False))
         self.stash: Optional[TfFDStash] = None
 
     def peek(self) -> Optional[TfFDStash]:
@@ -70,9 +68,7 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training:
         return type(self).forward(self, x)
     logits, feats = state.taps.forward(self, x)
-    shared = sink_features(feats)  # one gradient buffer per map for all terms (see timm_tffd.losses.sink)
-    computed = {name: state.methods[name](shared) for name in state.compute_order}  # see TfFDState
-    terms = {name: computed[name] for name in state.methods}
+    terms = {name: fn(feats) for name, fn in state.methods.items()}
     state.stash = TfFDStash(logits, terms, feats)
     return logits
 
@@ -125,7 +121,7 @@ def wrap(
         taps.remove()
         raise
     setattr(model, _ATTR, TfFDState(config, taps, methods))
-    model.forward = _tffd_forward.__get__(model)
+    model.forward = functools.partial(_tffd_forward, model)  # unlike a bound method, survives torch.save(model)
     return model
 
 
@@ -140,6 +136,22 @@ def tapped_features(model: nn.Module) -> List[torch.Tensor]:
     if stash is None:
         raise RuntimeError('no Tf-FD features: call the wrapped model in train() mode first')
     return stash.features
+
+
+def nonfinite_stages(taps: FeatureTaps, features: Sequence[torch.Tensor]) -> List[str]:
+    """``'index:module'`` of the tapped stages whose maps hold a non-finite value."""
+    return [f'{i}:{m}' for f, i, m in zip(features, taps.indices, taps.modules)
+            if not bool(torch.isfinite(f.detach()).all())]
+
+
+@torch.no_grad()
+def diagnose_nonfinite(model: nn.Module, x: torch.Tensor) -> List[str]:
+    """The tapped stages of a wrapped model whose maps are not finite for input ``x``: one training-mode forward of a
+    copy of the model (the model itself and its BatchNorm statistics are left alone). For an error message."""
+    inner = copy.deepcopy(unwrap_model(model)).train()
+    state = get_tffd_state(inner)
+    _, feats = state.taps.forward(inner, x)
+    return nonfinite_stages(state.taps, feats)
 
 
 def get_tffd_state(model: nn.Module) -> TfFDState:

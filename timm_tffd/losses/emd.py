@@ -1,28 +1,14 @@
-"""EMD-l2 local feature matching: deep local descriptors supervise shallow ones up to a permutation (seed 002).
+"""EMD-l2 local feature matching: deep local descriptors supervise shallow ones up to a matching (SFR (Fan, 2021)).
 
-For a pair (shallow, deep) the two maps are aligned as in inter-layer Tf-FD (the larger map average-pooled to the
-smaller size, both cut to the first ``min(C_s, C_d)`` channels, the deep map detached), optionally pooled further to a
-``grid x grid`` map. Each of the ``N = H * W`` positions gives a local descriptor, a C-vector. The two sets of
-descriptors, with uniform weights ``1 / N``, are matched by optimal transport with the squared-l2 ground cost
-``M_ij = ||x_i - y_j||^2``; the pair loss is the transport cost ``sum_ij P_ij M_ij / C``, averaged over the batch.
+For a top-down pair (shallow, deep) the two maps are aligned as in inter-layer Tf-FD (the larger map average-pooled to
+the smaller size, both cut to the first ``min(C_s, C_d)`` channels, the deep map detached), optionally pooled further
+to a ``grid x grid`` map. Each of the ``N = H * W`` positions gives a local descriptor, a C-vector. The two sets, with
+uniform weights ``1 / N``, are matched by entropic optimal transport with the ground cost ``||x_i - y_j||^2``; the
+pair loss is the transport cost ``sum_ij P_ij ||x_i - y_j||^2 / C``, averaged over the batch.
 
-* Scale: with the identity plan ``P = I / N`` this is exactly inter-layer's mean squared error, and the exact optimal
-  plan can only lower it: the EMD-l2 term is inter's term with the spatial correspondence relaxed to the best
-  matching (the entropic plan adds a small positive bias that shrinks with ``eps``).
-* Solver: ``sinkhorn_plan``, a batched entropic OT solver (Sinkhorn, Cuturi 2013) with a fixed iteration count and
-  no host synchronization, run without autograd. ``eps`` is relative to each problem's mean cost, so one value fits
-  every layer and every stage of training. It was kept over POT's batched log-domain Sinkhorn
-  (``ot.batch.solve_batch``): the same plans and costs at the same eps and iterations, 2-4x faster at the defaults on
-  a CPU (more at small eps), and no extra dependency. ``benchmarks/emd_solver.py`` has the comparison, with POT's
-  exact ``ot.emd`` and SciPy's assignment.
-* Defaults (seed 002 gives no solver settings): ``eps=0.02`` and 50 iterations, within 0.1-0.4% of the exact EMD
-  on the benchmark's problems of 16 to 196 points, row sums within about 4% of 1 / N; ``grid=None`` keeps every
-  position of the aligned map. The solver's cost grows as N^2: pool large maps with ``grid`` (``emd_grid`` in
-  ``wrap()``).
-* Gradients treat the plan as a constant (envelope theorem): the exact gradient of the entropic OT objective, and of
-  the exact EMD wherever its optimal plan is unique. The loss is evaluated as
-  ``sum_i r_i |x_i|^2 + sum_j c_j |y_j|^2 - 2 <x, P y>`` (r, c: the plan's marginals), so the backward pass needs
-  one batched matrix product and never stores an N x N cost matrix with gradient.
+With the identity plan this is inter-layer's mean squared error, and the optimal plan can only lower it. The plan is a
+constant for the gradient (envelope theorem). SFR gives no solver settings; the defaults (``eps=0.02`` relative to the
+mean cost, 50 iterations, every position) are this package's, chosen in docs/sfr.md. Solver design: docs/design.md.
 """
 import math
 from typing import Optional, Sequence
@@ -46,7 +32,7 @@ def check_emd_options(grid: Optional[int], eps: float, iters: int):
 
 
 def _plan(f: torch.Tensor, g: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
-    # exp(-80) ~ 2e-35 is still a normal float32: subnormal entries would slow the matrix products on CPUs many times
+    # clamped where exp() is still a normal float32: subnormal entries slow the matrix products (docs/design.md)
     return torch.exp((f + g - scaled).clamp_min(-80.))
 
 
@@ -54,11 +40,9 @@ def _plan(f: torch.Tensor, g: torch.Tensor, scaled: torch.Tensor) -> torch.Tenso
 def sinkhorn_plan(cost: torch.Tensor, eps: float = 0.02, iters: int = 50) -> torch.Tensor:
     """Entropic optimal transport plans between uniform weights, batched (Sinkhorn, Cuturi 2013).
 
-    Log-stabilized (Schmitzer 2019): the first iteration runs in the log domain, which balances every row and column
-    without underflow even for far-apart points; the others are plain scaling updates, two batched matrix-vector
-    products each instead of two log-sum-exps over the N x M matrix, run in blocks of 10 after which the scalings are
-    absorbed into the dual potentials and the kernel is rebuilt from them, so that no scaling leaves float32 range
-    and entries that underflowed earlier can regain mass.
+    Scaling iterations with log stabilization (Schmitzer 2019): the first iteration is in the log domain, and every
+    10 iterations the scalings are absorbed into the dual potentials. A fixed iteration count, no host
+    synchronization (docs/design.md, "EMD solver").
 
     Args:
         cost: (B, N, M) ground costs.

@@ -1,29 +1,16 @@
-"""Many-to-one channel distillation: each shallow channel is supervised by a group of deep channels (seed 002).
+"""Many-to-one channel distillation: each shallow channel is supervised by a group of deep channels (SFR (Fan, 2021)).
 
-For a top-down pair (shallow, deep) the maps are average-pooled to a common spatial size as in inter-layer Tf-FD
-(with its pooling: each map pooled once per size), the deep map is detached, and its ``C_d`` channels are split into
-``C_s`` contiguous groups, one per shallow channel, of ``k = C_d / C_s`` channels. The pair loss is the mean over
-shallow channels c of the mean squared error between channel c and every deep channel of its group ``G_c``:
+For a top-down pair (shallow, deep) the maps are average-pooled to a common spatial size as in inter-layer Tf-FD, the
+deep map is detached, and its ``C_d`` channels are split into ``C_s`` contiguous groups ``G_c``, one per shallow
+channel. The pair loss is
 
     L = 1/C_s sum_c 1/|G_c| sum_{j in G_c} mean_{b,h,w} (s_c - d_j)^2
 
-When ``C_s`` does not divide ``C_d`` (``C_d = k C_s + r``), ``remainder`` decides:
-
-* ``'spread'`` (default): the first r groups get k + 1 channels, the others k; every deep channel is used once.
-* ``'drop'``: every group gets k channels and the last r deep channels are left out, as inter-layer leaves out the
-  channels past ``C_s``.
-
-``C_d < C_s`` leaves some shallow channel without a group and is an error.
-
-Gradient equivalence with matching the group mean: expanding the square, ``L = mse(s, d_bar) + V`` where ``d_bar_c``
-is the mean of group ``G_c`` and ``V`` is the within-group variance of the deep map. The deep map is detached, so V
-is a constant and L has exactly the gradient of ``mse(s, d_bar)`` -- for every group size, because each group is
-averaged over its own size before the groups are averaged. The equivalence would break if the deep side received
-gradients, or if the loss averaged over all (shallow, deep) channel pairs at once with unequal groups (larger groups
-would then weigh more). The loss is computed in this form: one reshape-mean instead of k copies of the shallow map.
-
-With ``C_s = C_d`` every group is one channel, V = 0 and the pair loss is inter-layer's; runs of equal-shape maps
-(isotropic models) then take inter-layer's O(L) path (``timm_tffd.losses.inter.run_pair_mse``).
+When ``C_s`` does not divide ``C_d`` (``C_d = k C_s + r``), ``remainder='spread'`` (default) gives the first r groups
+k + 1 channels and the others k; ``'drop'`` gives every group k channels and leaves the last r deep channels out. A
+deep map with fewer channels than the shallow one is an error. ``L`` equals ``mse(s, group mean)`` plus the constant
+within-group variance of the detached deep map, and is computed in that form (docs/sfr.md); runs of equal-shape maps
+take inter-layer's O(L) path.
 """
 from typing import List, Sequence
 

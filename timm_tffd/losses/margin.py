@@ -1,4 +1,5 @@
-"""SFD's distillation loss (seed 004, eq. 10) and its per-channel margin (Overhaul, Heo et al. 2019).
+"""SFD's distillation loss (SFD (Pei et al., IJCAI 2021), eq. 10) and its per-channel margin (Overhaul, Heo et al.
+2019).
 
 The teacher's pre-ReLU feature ``Y`` is clamped at a negative per-channel margin ``m``: ``t = max(Y, m)``. The
 partial L2 then skips the positions where the student is already below a non-positive target (``s <= t <= 0``) and
@@ -53,20 +54,21 @@ def margin_l2_loss(
         margin: torch.Tensor,
         normalizer: float = 1000.,
 ) -> torch.Tensor:
-    """Seed 004 eq. 10: ``sum over (c, h, w) of (t - s)^2``, except 0 where ``s <= t <= 0``, with ``t = max(Y, m)``;
-    averaged over the batch and divided by ``normalizer``.
+    """SFD (Pei et al., IJCAI 2021), eq. 10: ``sum over (c, h, w) of (t - s)^2``, except 0 where ``s <= t <= 0``,
+    with ``t = max(Y, m)``; averaged over the batch and divided by ``normalizer``.
 
     Args:
         student: Integrated student feature before ReLU, ``(B, C, H, W)``.
         teacher: Teacher's last-stage feature before ReLU, same shape; treated as a constant.
         margin: Per-channel margin ``m`` (``(C,)``, negative).
-        normalizer: Constant divisor. Seed 004 gives none; 1000 is the Overhaul reference code's CIFAR value.
+        normalizer: Constant divisor. SFD gives none; 1000 is the Overhaul reference code's CIFAR value.
     """
     if student.shape != teacher.shape:
         raise ValueError(f'student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} '
                          f'differ in shape')
-    student = student.float()  # sums of many squares: float32 even under autocast
-    target = torch.maximum(teacher.detach().float(), margin.float().view(1, -1, 1, 1))
+    dtype = torch.promote_types(student.dtype, torch.float32)  # sums of many squares: float32 even under autocast
+    student = student.to(dtype)
+    target = torch.maximum(teacher.detach().to(dtype), margin.to(dtype).view(1, -1, 1, 1))
     keep = (student > target) | (target > 0)  # complement of s <= t <= 0
     sq = (student - target).pow(2) * keep
     return sq.sum() / (student.shape[0] * normalizer)

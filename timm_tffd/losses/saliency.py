@@ -1,4 +1,5 @@
-"""Channel saliency metrics for intra-layer Tf-FD (seed 003, "More analysis of feature salience metrics").
+"""Channel saliency metrics for intra-layer Tf-FD (the Tf-FD supplementary, "More analysis of feature salience
+metrics").
 
 Each metric maps an NCHW feature to one score per channel (higher = more salient). Scores only rank channels, so
 they are computed without gradient and recomputed every batch.
@@ -17,6 +18,8 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
+
+from ..features import closing_block
 
 __all__ = ['SALIENCY', 'get_saliency', 'bn_scale_saliency', 'BNScaleSaliency']
 
@@ -99,17 +102,23 @@ class BNScaleSaliency:
 def bn_scale_saliency(model: nn.Module, module_name: str, num_channels: int) -> BNScaleSaliency:
     """The BatchNorm that produces the map of ``module_name``, as a saliency callable.
 
-    For a ResNet-style stage (last block with ``bn3`` / ``bn2``) it is the last block's closing BN, whose output is
+    For a ResNet-style stage it is the closing block's BN (see ``timm_tffd.features.closing_block``), whose output is
     added to the shortcut before the stage's closing ReLU. Otherwise it is the last affine BN with ``num_channels``
     channels inside the module that is not on a shortcut (``downsample`` / ``shortcut`` branches are skipped).
+
+    Args:
+        model: The model.
+        module_name: Name of the module whose output map is ranked (a ``feature_info`` module).
+        num_channels: Channels of that map.
     """
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # and timm's BatchNormAct2d
+    closing = closing_block(model, module_name)
+    bn = closing.norm if closing is not None else None
+    if isinstance(bn, batch_norms) and bn.num_features == num_channels:
+        return BNScaleSaliency(bn)
     module = model.get_submodule(module_name)
-    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
-    closing = getattr(last, 'bn3', None) or getattr(last, 'bn2', None)
-    if isinstance(closing, nn.modules.batchnorm._BatchNorm) and closing.num_features == num_channels:
-        return BNScaleSaliency(closing)
     candidates = [m for n, m in module.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.num_features == num_channels
+                  if isinstance(m, batch_norms) and m.affine and m.num_features == num_channels
                   and not any(part in ('downsample', 'shortcut') for part in n.split('.'))]
     if not candidates:
         raise ValueError(f'saliency "bn" needs a BatchNorm with {num_channels} channels producing the map of '

@@ -1,4 +1,4 @@
-"""Dynamic label smoothing: a smoothing value that changes during training (seed 002, "dynamic label smoothing").
+"""Dynamic label smoothing: a smoothing value that changes during training (SFR (Fan, 2021)).
 
 The loss is timm's ``LabelSmoothingCrossEntropy`` with a value ``eps`` that is no longer fixed:
 ``loss = (1 - eps) * CE(p, target) + eps * CE(p, uniform)``, averaged over the batch. Schedules:
@@ -11,11 +11,8 @@ The loss is timm's ``LabelSmoothingCrossEntropy`` with a value ``eps`` that is n
   the target (``sum_k t_k p_k`` for soft targets): samples the model already fits confidently are smoothed the most,
   samples it still gets wrong (small ``p_i``) are trained on nearly the plain one-hot target.
 
-Seed 002's abstract names the method without defining it. The default reading here is an epoch schedule, linear from
-``smoothing`` to 0 (``schedule='linear'``, ``smoothing_end=None`` -> 0): it is deterministic and independent of the
-model's outputs, and it is a smooth form of the two-stage schedule of Xu et al. 2020 ("Towards Understanding Label
-Smoothing", TSLA), which uses label smoothing in the early epochs and drops it in the later ones. The
-confidence-adaptive variant is the alternative reading of "dynamic", available as ``schedule='adaptive'``.
+SFR names the method without defining it. The default here is the epoch schedule, linear from ``smoothing`` to 0; the
+confidence-adaptive variant is the other reading of "dynamic" (docs/sfr.md says why).
 
 Targets are class indices or, as produced by timm's Mixup / CutMix, per-class probabilities (B, K); the smoothing is
 then applied to the mixed target, so build Mixup with ``label_smoothing=0`` to avoid smoothing twice.

@@ -5,20 +5,38 @@ Every network in the zoo is a stem at full resolution, stages named ``layer1 ...
 (index 0) and one entry per stage, and ``forward_intermediates`` / ``prune_intermediate_layers`` follow timm's
 contract, so ``final, feats = m.forward_intermediates(x); m.forward_head(final)`` equals ``m(x)`` in eval mode.
 """
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq
-from timm.models._features import feature_take_indices
+from timm.models._features import feature_take_indices  # timm's own models import it from here; not re-exported
 
-__all__ = ['CIFAR100_MEAN', 'CIFAR100_STD', 'CifarNet', 'cifar_cfg', 'build_cifar_model']
+__all__ = ['CIFAR100_MEAN', 'CIFAR100_STD', 'CifarNet', 'cifar_cfg', 'build_cifar_model', 'rename_keys']
 
 # CIFAR-100 training-set statistics, as normalized by the CRD repository (dataset/cifar100.py).
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+def rename_keys(
+        state_dict: Dict[str, torch.Tensor],
+        marker: str,
+        renames: Sequence[Tuple[str, Union[str, Callable[[re.Match], str]]]],
+) -> Dict[str, torch.Tensor]:
+    """Rename the keys of a foreign state dict with ``re.sub`` rules applied in order, when it has the ``marker`` key;
+    a state dict without it (already in this model's layout) passes through unchanged."""
+    if marker not in state_dict:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
 
 
 def cifar_cfg(**kwargs) -> Dict[str, Any]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.layers import ConvNormAct, LayerType
 from timm.models import generate_default_cfgs, register_model
 
-from ._base import CifarNet, build_cifar_model, cifar_cfg
+from ._base import CifarNet, build_cifar_model, cifar_cfg, rename_keys
 
 __all__ = ['CifarVgg', 'checkpoint_filter_fn']
 
@@ -94,13 +94,7 @@ def checkpoint_filter_fn(
 
     State dicts already in this model's layout pass through unchanged.
     """
-    if 'classifier.weight' not in state_dict:
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        key = re.sub(r'^block(\d)\.(\d+)\.', _crd_key, key)
-        out[re.sub(r'^classifier\.', 'fc.', key)] = value
-    return out
+    return rename_keys(state_dict, 'classifier.weight', ((r'^block(\d)\.(\d+)\.', _crd_key), (r'^classifier\.', 'fc.')))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CifarVgg:

@@ -8,7 +8,6 @@ conv of the block's pre-activated input. Stage features are the blocks' residual
 CRD's ``is_feat`` features; ``forward_intermediates(norm=True)`` applies the final BN-ReLU to the last one.
 CRD checkpoints load through ``checkpoint_filter_fn``.
 """
-import re
 from functools import partial
 from typing import Dict, Optional
 
@@ -18,7 +17,7 @@ from timm.layers import LayerType, calculate_drop_path_rates, create_conv2d, get
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnetv2 import DownsampleConv, PreActBasic
 
-from ._base import CifarNet, build_cifar_model, cifar_cfg
+from ._base import CifarNet, build_cifar_model, cifar_cfg, rename_keys
 
 __all__ = ['CifarWideResNet', 'checkpoint_filter_fn']
 
@@ -102,14 +101,7 @@ def checkpoint_filter_fn(
 
     State dicts already in this model's layout pass through unchanged.
     """
-    if 'conv1.weight' not in state_dict:
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _CRD_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return rename_keys(state_dict, 'conv1.weight', _CRD_RENAMES)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CifarWideResNet:
