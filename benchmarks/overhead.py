@@ -20,8 +20,18 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
 
     python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
+    python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
+
+* ``--trees NAME=PATH,...``: the same step (``inter+intra-wrap``: ``wrap(model, 'inter,intra')`` and ``TfFDLoss``)
+  in one worker process per source tree, each importing ``timm_tffd`` from its PATH, timed round by round; the table
+  gives each tree's per-round time ratio and CPU-time difference to the tree before it (what the change between the
+  two buys) and its ratio to the first tree, with bootstrap intervals, and step memory as above. With
+  ``--tree-step terms`` the workers time the Tf-FD terms alone (``benchmarks/terms.py``): the changes between trees
+  are confined to them, and a step of a few hundred ms resolves their difference in far fewer seconds than whole
+  training steps do on a busy machine.
 """
 import argparse
+import functools
 import json
 import os
 import random
@@ -38,14 +48,17 @@ from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistilla
 
 import timm_tffd
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
+from benchmarks import terms  # noqa: E402
+
 DEFAULT_MODELS = ('resnet18', 'resnet50', 'vit_small_patch16_224')
 TEACHER = 'resnet50'  # the teacher of the teacher-based configurations (random weights: the cost is the same)
 
 
 def _tffd(methods: str, **options) -> Callable:
     def build(model: nn.Module) -> nn.Module:
-        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=methods, warmup_epochs=0,
-                                  method_options=options or None, verbose=False)
+        config = timm_tffd.TfFDConfig(methods, options=options, warmup_epochs=0)
+        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=config, verbose=False)
     return build
 
 
@@ -56,9 +69,22 @@ def _four_taps(methods: str) -> Callable:
         default = timm_tffd.resolve_stages(model)
         n = len(default)
         stages = [default[(q + 1) * n // 4 - 1] for q in range(4)] if n > 4 else default
-        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=methods, warmup_epochs=0, stages=stages,
-                                  verbose=False)
+        config = timm_tffd.TfFDConfig(methods, stages=stages, warmup_epochs=0)
+        return timm_tffd.TfFDTask(model, nn.CrossEntropyLoss(), tffd=config, verbose=False)
     return build
+
+
+class _Wrapped(nn.Module):
+    """``timm_tffd.wrap(model, methods)`` with ``TfFDLoss`` as a task: the two-call form with default options and
+    weights, the same in every version of the library (``--trees`` runs it against older source trees)."""
+
+    def __init__(self, model: nn.Module, methods: str):
+        super().__init__()
+        self.model = timm_tffd.wrap(model, methods)
+        self.criterion = timm_tffd.TfFDLoss(nn.CrossEntropyLoss(), self.model)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        return {'loss': self.criterion(self.model(x), y)}
 
 
 def _teacher() -> nn.Module:
@@ -72,6 +98,7 @@ CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
     'intra': _tffd('intra'),
     'inter+intra': _tffd('inter,intra'),
     'inter+intra-4taps': _four_taps('inter,intra'),
+    'inter+intra-wrap': lambda model: _Wrapped(model, 'inter,intra'),
     'm2o': _tffd('m2o'),
     'emd': _tffd('emd'),
     'emd-grid7': _tffd('emd', emd_grid=7),
@@ -83,6 +110,7 @@ CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
                                                              verbose=False),
 }
 TEACHER_CONFIGS = ('sfd-ri', 'timm-logit-kd', 'timm-feature-kd')
+TREE_CONFIG = 'inter+intra-wrap'  # the training step that --trees runs in every source tree
 
 
 def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed: int = 0):
@@ -106,6 +134,13 @@ def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed
     return step
 
 
+def make_terms_step(model_name: str, batch_size: int, img_size: int):
+    """The Tf-FD part of the ``TREE_CONFIG`` step alone (``benchmarks.terms``, configuration ``inter+intra``): the
+    terms' forward and backward on leaves shaped like the model's taps, with a stand-in for the network's gradient."""
+    torch.manual_seed(0)
+    return terms.make_step('inter+intra', terms.Tapped(model_name, batch_size, img_size))
+
+
 def _status_kb(key: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -124,12 +159,125 @@ def probe_memory(model_name: str, config: str, batch_size: int, img_size: int) -
     return {'step_mb': (_status_kb('VmHWM') - before) / 1024, 'peak_mb': _status_kb('VmHWM') / 1024}
 
 
-def measure_memory(model_name: str, config: str, args) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-    cmd = [sys.executable, __file__, '--probe', model_name, config, '--batch-size', str(args.batch_size),
-           '--img-size', str(args.img_size)]
+def tree_env(tree: Optional[str] = None, **extra: str) -> dict:
+    """The environment of a subprocess that imports ``timm_tffd`` from the source tree ``tree`` (a folder holding a
+    ``timm_tffd`` package; None: as this process does), with ``extra`` variables set."""
+    env = dict(os.environ, **extra)
+    if tree is not None:
+        env['PYTHONPATH'] = os.pathsep.join([os.path.abspath(tree)] + [p for p in [env.get('PYTHONPATH')] if p])
+    return env
+
+
+def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
+    env = tree_env(tree, MALLOC_MMAP_THRESHOLD_='65536')
+    cmd = [sys.executable, os.path.abspath(__file__), '--probe', model_name, config, '--batch-size',
+           str(args.batch_size), '--img-size', str(args.img_size)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+class TreeWorker:
+    """A subprocess that imports ``timm_tffd`` from one source tree, builds ``make_step(model_name, config)`` (or
+    ``make_terms_step`` for ``config='terms'``), runs the warm-up steps, then times one step per request
+    (``step()``)."""
+
+    def __init__(self, tree: str, model_name: str, config: str, args):
+        cmd = [sys.executable, os.path.abspath(__file__), '--worker', model_name, config, '--batch-size',
+               str(args.batch_size), '--img-size', str(args.img_size), '--warmup', str(args.warmup)]
+        if getattr(args, 'threads', None):
+            cmd += ['--threads', str(args.threads)]
+        self.proc = subprocess.Popen(cmd, env=tree_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        ready = self.proc.stdout.readline().split()  # 'ready PATH' once warmed up, PATH: the timm_tffd it imported
+        if ready[:1] != ['ready'] or not ready[1].startswith(os.path.abspath(tree) + os.sep):
+            self.close()
+            raise RuntimeError(f'the worker for {tree} did not start from that tree (said {" ".join(ready)!r})')
+
+    def step(self) -> Tuple[float, float]:
+        """Wall and CPU seconds (all threads of the worker) of one step."""
+        self.proc.stdin.write('step\n')
+        self.proc.stdin.flush()
+        wall, cpu = self.proc.stdout.readline().split()
+        return float(wall), float(cpu)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve(model_name: str, config: str, args):
+    """A ``TreeWorker``'s side: for each line on stdin, one timed step, its wall and CPU seconds on stdout."""
+    build = make_terms_step if config == 'terms' else functools.partial(make_step, config=config)
+    step = build(model_name, batch_size=args.batch_size, img_size=args.img_size)
+    for _ in range(args.warmup):
+        step()
+    print('ready', os.path.abspath(timm_tffd.__file__), flush=True)
+    for _ in sys.stdin:
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        print(time.perf_counter() - t0, time.process_time() - c0, flush=True)
+
+
+def measure_trees(model_name: str, trees: Dict[str, str], args) -> Dict[str, dict]:
+    """The same step (``TREE_CONFIG``, or its Tf-FD part alone with ``args.tree_step == 'terms'``) with ``timm_tffd``
+    from each source tree, one worker process per tree, timed round by round (ABBA order). Each tree's per-round
+    ratio and difference (seconds) to the tree before it (what the change between them buys) and its ratio to the
+    first tree, as medians with a bootstrap interval, in wall time and in the worker's CPU time (which other
+    processes on the machine inflate less), and the median step time."""
+    names = list(trees)
+    workers = {}
+    try:
+        for n in names:  # one at a time: the warm-up steps do not overlap
+            workers[n] = TreeWorker(trees[n], model_name, 'terms' if args.tree_step == 'terms' else TREE_CONFIG,
+                                    args)
+        times = {n: [] for n in names}  # (wall, cpu) per round
+        steal0, wall0 = steal_seconds(), time.perf_counter()
+        for r in range(args.rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                times[n].append(workers[n].step())
+        steal1 = steal_seconds()
+    finally:
+        for w in workers.values():
+            w.close()
+    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
+    out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}
+    for k, n in enumerate(names):
+        out[n] = {'median_s': statistics.median(t[0] for t in times[n]),
+                  'cpu_median_s': statistics.median(t[1] for t in times[n])}
+        for clock, i in (('', 0), ('cpu_', 1)):
+            for key, other in (('vs_previous', names[max(k - 1, 0)]), ('vs_first', names[0])):
+                ratios = [a[i] / b[i] for a, b in zip(times[n], times[other])]
+                out[n][clock + key] = statistics.median(ratios)
+                out[n][clock + key + '_ci95'] = median_interval(ratios)
+            diffs = [a[i] - b[i] for a, b in zip(times[n], times[names[max(k - 1, 0)]])]
+            out[n][clock + 'diff_s'] = statistics.median(diffs)
+            out[n][clock + 'diff_s_ci95'] = median_interval(diffs)
+    return out
+
+
+def run_trees(trees: Dict[str, str], models, args) -> list:
+    """``--trees``: print and return one row per (model, tree)."""
+    print('| model | tree | step time (ms) | vs previous tree | 95% interval | CPU time vs previous | 95% interval '
+          '| CPU ms vs previous | 95% interval | vs first tree | step memory (MB) |\n'
+          '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    rows = []
+    for model_name in models:
+        res = measure_trees(model_name, trees, args)
+        for n, tree in trees.items():
+            r = res[n]
+            mem = None if args.no_memory or args.tree_step == 'terms' \
+                else measure_memory(model_name, TREE_CONFIG, args, tree)['step_mb']
+            rows.append({'model': model_name, 'tree': n, 'path': tree, 'time_ms': r['median_s'] * 1e3, **r,
+                         'step_mb': mem, 'steal_share': res['steal_share']})
+            (lo, hi), (clo, chi) = r['vs_previous_ci95'], r['cpu_vs_previous_ci95']
+            dlo, dhi = (1e3 * d for d in r['cpu_diff_s_ci95'])
+            print(f'| {model_name} | {n} | {r["median_s"] * 1e3:.0f} | {r["vs_previous"]:.4f} | [{lo:.4f}, {hi:.4f}] '
+                  f'| {r["cpu_vs_previous"]:.4f} | [{clo:.4f}, {chi:.4f}] | {1e3 * r["cpu_diff_s"]:.1f} '
+                  f'| [{dlo:.1f}, {dhi:.1f}] | {r["vs_first"]:.4f} | {"-" if mem is None else f"{mem:.0f}"} |',
+                  flush=True)
+        if res['steal_share'] is not None:
+            print(f'|  | steal while {model_name} ran: {100 * res["steal_share"]:.1f}% |', flush=True)
+    return rows
 
 
 def steal_seconds() -> Optional[float]:
@@ -193,10 +341,32 @@ def main():
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--no-memory', action='store_true', help='skip the per-process memory probes')
     parser.add_argument('--json', default='', help='also write the results to this file')
+    parser.add_argument('--trees', default='',
+                        help=f'NAME=PATH,...: compare the {TREE_CONFIG} step with timm_tffd imported from each '
+                             f'source tree (a folder holding a timm_tffd package), instead of --configs')
+    parser.add_argument('--tree-step', default='step', choices=('step', 'terms'),
+                        help='with --trees: time the whole training step, or its Tf-FD terms alone (forward and '
+                             'backward on leaves shaped like the taps, benchmarks/terms.py)')
     parser.add_argument('--probe', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
+    parser.add_argument('--worker', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe:
         print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size)))
+        return
+    if args.worker:
+        serve(*args.worker, args)
+        return
+    if args.trees:
+        trees = dict(item.split('=', 1) for item in args.trees.split(','))
+        print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
+              f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, trees: {trees}\n')
+        rows = run_trees(trees, args.models.split(','), args)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump({'args': vars(args), 'results': rows}, f, indent=2)
         return
     configs = list(CONFIGS) if args.configs == 'all' else [c.strip() for c in args.configs.split(',')]
     unknown = [c for c in configs if c not in CONFIGS]

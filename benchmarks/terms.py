@@ -8,8 +8,9 @@ run interleaved round after round; the table gives median milliseconds and the m
 first configuration.
 
 * ``network``: the stand-in gradient alone (what any training step pays anyway);
-* ``inter+intra``: plus the default inter and intra terms, each returning its own gradients (plain autograd sums);
-* ``inter+intra-shared``: the same terms through ``sink_features`` (one buffer per map; what ``wrap()`` does).
+* ``inter+intra``: plus the inter and intra terms with their default options, weighted 0.005 and 0.0004 (their
+  default weights), computed by the wrapped model's own forward on the maps (``Tapped.terms``), so that they run as
+  they do in a training step whatever that forward does with the maps.
 
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
@@ -23,57 +24,68 @@ import torch
 import timm
 
 import timm_tffd
-from timm_tffd.losses.sink import sink_features
+from timm_tffd.losses.saliency import channels_last_map
 
 DEFAULT_MODELS = ('resnet50', 'vit_small_patch16_224')
-CONFIGS = ('network', 'inter+intra', 'inter+intra-shared')
+CONFIGS = ('network', 'inter+intra')
 
 
 class Tapped:
-    """Random leaves standing for the tensors a model's taps come from, and the maps ``wrap(model)`` would see.
+    """Random leaves standing for the tensors a model's taps come from, the maps ``wrap(model, 'inter,intra')`` would
+    see, a random stand-in ``upstream`` for the network's own gradient into each leaf, and the wrapped ``model``.
 
-    A ResNet's leaf is its NCHW stage output and the map is the leaf. A ViT's leaf is a block's token tensor, class
-    token included, and the map is the NCHW view of its patch tokens (channels-last memory), as ``FeatureTaps``
-    makes it. Values: ReLU'd Gaussians."""
+    A ResNet's leaf is its NCHW stage output and the map is the leaf. A ViT's leaf is a block's ``(B, N, C)`` token
+    tensor, its ``num_prefix_tokens`` (the class token) included, and the map is the NCHW view of its patch tokens
+    (channels-last memory), as ``FeatureTaps`` makes it. Values: ReLU'd Gaussians."""
 
     def __init__(self, model_name: str, batch_size: int, img_size: int):
-        model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
-                               else timm.create_model(model_name), 'intra')
+        self.model = model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
+                                            else timm.create_model(model_name), 'inter,intra')
         model.train()
         with torch.no_grad():
             model(torch.randn(2, 3, img_size, img_size))  # 2: BatchNorm needs more than one value per channel
         feats = timm_tffd.get_tffd_state(model).take().features
         g = torch.Generator().manual_seed(0)
+        prefix = getattr(model, 'num_prefix_tokens', 0)
         self.leaves, self.prefix = [], []
         for f in feats:
-            if f._base is not None and f.stride(1) == 1:  # a token view: its token tensor, prefix tokens in front
-                tokens = f._base
-                self.prefix.append(tokens.shape[1] - f.shape[2] * f.shape[3])
-                shape = (batch_size,) + tuple(tokens.shape[1:])
+            c, h, w = f.shape[1:]
+            if channels_last_map(f):  # a token view: its token tensor, prefix tokens in front
+                self.prefix.append(prefix)
+                shape = (batch_size, prefix + h * w, c)
             else:
                 self.prefix.append(None)
-                shape = (batch_size,) + tuple(f.shape[1:])
+                shape = (batch_size, c, h, w)
             self.leaves.append(torch.randn(shape, generator=g).relu_().requires_grad_())
         self.grid = [tuple(f.shape[2:]) for f in feats]
+        self.upstream = [torch.randn(f.shape, generator=g) for f in self.leaves]
 
     def maps(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
         """The maps of ``tensors`` (the leaves, or nodes made from them)."""
         return [t if k is None else t[:, k:].unflatten(1, hw).permute(0, 3, 1, 2)
                 for t, k, hw in zip(tensors, self.prefix, self.grid)]
 
+    def terms(self, tensors: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The Tf-FD terms of the maps of ``tensors``, by the wrapped model's forward with its taps replaced."""
+        state = timm_tffd.get_tffd_state(self.model)
+        state.taps.forward = lambda model, x: (None, self.maps(tensors))  # instead of running the network
+        try:
+            self.model(None)
+        finally:
+            del state.taps.forward
+        return state.take().terms
+
 
 def make_step(config: str, tapped: Tapped) -> Callable[[], tuple]:
+    """One forward and backward of ``config`` on ``tapped``'s leaves; the step returns their gradients."""
     leaves = tapped.leaves
-    g = torch.Generator().manual_seed(1)
-    upstream = [torch.randn(f.shape, generator=g) for f in leaves]
 
     def step():
         nodes = [f.view_as(f) for f in leaves]  # a node between leaves and terms, as a network's layers are
-        loss = sum((m * r).sum() for m, r in zip(nodes, upstream))  # the network's own gradient into the taps
-        if config != 'network':
-            maps = tapped.maps(nodes)
-            shared = sink_features(maps) if config.endswith('-shared') else maps
-            loss = loss + 0.005 * timm_tffd.inter_layer_loss(shared) + 0.0004 * timm_tffd.intra_layer_loss(shared)
+        loss = sum((m * r).sum() for m, r in zip(nodes, tapped.upstream))  # the network's own gradient into the taps
+        if config == 'inter+intra':
+            terms = tapped.terms(nodes)
+            loss = loss + 0.005 * terms['inter'] + 0.0004 * terms['intra']
         return torch.autograd.grad(loss, leaves)
     return step
 

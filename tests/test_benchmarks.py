@@ -1,5 +1,7 @@
 """The cost benchmarks' configurations build and run on tiny models (their timings are not tested)."""
+import argparse
 import os
+import shutil
 import sys
 
 import pytest
@@ -10,6 +12,7 @@ import timm_tffd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import overhead, terms  # noqa: E402
+from test_losses import _torch_intra, _torch_pairwise  # noqa: E402
 
 
 def test_four_taps_picks_evenly_spaced_blocks():
@@ -18,10 +21,12 @@ def test_four_taps_picks_evenly_spaced_blocks():
     assert timm_tffd.get_tffd_state(task.trainable_module).taps.indices == [2, 5, 8, 11]
     resnet = timm.create_model('test_resnet')
     task = overhead.CONFIGS['inter+intra-4taps'](resnet)
-    assert timm_tffd.get_tffd_state(task.trainable_module).taps.indices == timm_tffd.resolve_stages(resnet) == [1, 2, 3, 4]
+    indices = timm_tffd.get_tffd_state(task.trainable_module).taps.indices
+    assert indices == timm_tffd.resolve_stages(resnet) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize('config', ['baseline', 'inter+intra', 'inter+intra-4taps', 'm2o', 'emd-grid7'])
+@pytest.mark.parametrize('config', ['baseline', 'inter+intra', 'inter+intra-4taps', 'inter+intra-wrap', 'm2o',
+                                    'emd-grid7'])
 def test_overhead_step_runs(config):
     step = overhead.make_step('resnet18', config, batch_size=2, img_size=224)  # emd-grid7 needs 7x7 maps
     losses = [step() for _ in range(2)]
@@ -29,25 +34,55 @@ def test_overhead_step_runs(config):
 
 
 @pytest.mark.parametrize('model', ['test_resnet', 'test_vit'])
-def test_terms_benchmark_maps_and_configurations(model):
+def test_terms_benchmark_maps_and_gradients(model):
     tapped = terms.Tapped(model, batch_size=2, img_size=64)  # no 1x1 maps (those are both layouts at once)
     net = timm.create_model(model, **({'img_size': 64} if 'vit' in model else {}))
     taps = timm_tffd.resolve_stages(net)
+    # float64, so that the terms' small gradients stay visible beside the stand-in's
+    tapped.leaves = [f.detach().double().requires_grad_() for f in tapped.leaves]
+    tapped.upstream = [u.double() for u in tapped.upstream]
     leaves = tapped.leaves
-    assert len(leaves) == len(taps) and all(f.shape[0] == 2 and f.requires_grad for f in leaves)
+    assert len(leaves) == len(taps) and all(f.shape[0] == 2 for f in leaves)
     maps = tapped.maps(leaves)
+    with torch.no_grad():
+        _, real = net.forward_intermediates(torch.randn(2, 3, 64, 64), indices=taps)
+    assert [m.shape for m in maps] == [r.shape for r in real]
     assert all((f.stride(1) == 1) == (model == 'test_vit') for f in maps)  # token views are channels last
-    if model == 'test_vit':  # each leaf is a token tensor with the class token, each map the view of its grid
-        assert all(f.shape[1] == 1 + m.shape[2] * m.shape[3] and m._base is f for f, m in zip(leaves, maps))
-        with torch.no_grad():
-            _, real = net.forward_intermediates(torch.randn(2, 3, 64, 64), indices=taps)
-        assert [m.shape for m in maps] == [r.shape for r in real]
+    if model == 'test_vit':  # each leaf is a token tensor with the class token, each map a view of its grid
+        assert all(f.shape[1] == 1 + m.shape[2] * m.shape[3] and m.data_ptr() == f[:, 1:].data_ptr()
+                   for f, m in zip(leaves, maps))
     else:
         assert all(m is f for f, m in zip(leaves, maps))
     grads = {c: terms.make_step(c, tapped)() for c in terms.CONFIGS}
-    for plain, shared in zip(grads['inter+intra'], grads['inter+intra-shared']):
-        torch.testing.assert_close(shared, plain)
-    assert any(not torch.allclose(a, b) for a, b in zip(grads['network'], grads['inter+intra']))
+    for g, u in zip(grads['network'], tapped.upstream):
+        assert torch.equal(g, u)
+    # the terms' own gradient, by the definitions with plain autograd (adaptive pooling, channel indexing)
+    ref_leaves = [f.detach().clone().requires_grad_() for f in leaves]
+    ref_maps = tapped.maps(ref_leaves)
+    reference = 0.005 * _torch_pairwise(ref_maps, timm_tffd.inter_layer_pairs(len(ref_maps))) \
+        + 0.0004 * _torch_intra(ref_maps)
+    expected = torch.autograd.grad(reference, ref_leaves)
+    for g, u, e in zip(grads['inter+intra'], tapped.upstream, expected):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g - u, e, rtol=1e-7, atol=1e-7 * e.abs().max().item())
+
+
+@pytest.mark.parametrize('tree_step', ['step', 'terms'])
+def test_trees_compare_one_step_across_source_trees(tree_step, tmp_path):
+    """``--trees``: one worker per source tree, each importing timm_tffd from its own tree."""
+    copy = tmp_path / 'copy'
+    shutil.copytree(os.path.dirname(timm_tffd.__file__), copy / 'timm_tffd')
+    trees = {'here': os.path.dirname(os.path.dirname(timm_tffd.__file__)), 'copy': str(copy)}
+    args = argparse.Namespace(batch_size=2, img_size=64, rounds=1, warmup=0, no_memory=False, tree_step=tree_step)
+    rows = overhead.run_trees(trees, ['test_resnet'], args)
+    assert [(r['model'], r['tree']) for r in rows] == [('test_resnet', 'here'), ('test_resnet', 'copy')]
+    assert rows[0]['vs_previous'] == rows[0]['vs_first'] == 1 and rows[0]['diff_s'] == 0
+    assert rows[1]['vs_previous'] == rows[1]['vs_first'] > 0
+    assert all(r['time_ms'] > 0 and r['cpu_median_s'] > 0 for r in rows)
+    assert all((r['step_mb'] is None) == (tree_step == 'terms') for r in rows)  # memory: whole steps only
+    if tree_step == 'terms':
+        with pytest.raises(RuntimeError, match='did not start from that tree'):
+            overhead.TreeWorker(str(tmp_path / 'empty'), 'test_resnet', 'terms', args)
 
 
 def test_median_interval():
