@@ -119,8 +119,8 @@ def main():
 
     print(f'B={args.batch_size} C={args.channels} eps={args.eps} iters={args.iters} threads={args.threads} '
           f'torch={torch.__version__} POT={ot.__version__}')
-    print(f'| N | solver | ms (fwd+bwd) | error vs exact | marginal |')
-    print(f'| --- | --- | --- | --- | --- |')
+    print('| N | solver | ms (fwd+bwd) | error vs exact | marginal |')
+    print('| --- | --- | --- | --- | --- |')
     for n in [int(p) for p in args.positions.split(',')]:
         x, y = make_points(args.batch_size, n, args.channels)
         results = {}

@@ -19,8 +19,8 @@ from .features import FeatureTaps
 from .config import TfFDConfig
 from .methods import MethodContext, get_method
 
-__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'nonfinite_stages', 'diagnose_nonfinite',
-           'TfFDState', 'TfFDStash']
+__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'nonfinite_stages',
+           'diagnose_nonfinite', 'TfFDState', 'TfFDStash']
 
 _ATTR = '_tffd_state'
 
