@@ -12,6 +12,7 @@ arguments, with train.py's names and defaults; the others are rejected by name o
 ``checkpoint-<epoch>.pth.tar`` and ``model_best.pth.tar``, all written atomically.
 """
 import argparse
+import importlib
 import logging
 import math
 import os
@@ -26,22 +27,25 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torchvision.utils
 import yaml
 from torchvision import transforms
 from timm import utils
-from timm.data import FastCollateMixup, create_dataset, create_loader, resolve_data_config
-from timm.layers import convert_sync_batchnorm
-from timm.loss import create_classification_loss
+from timm.data import (
+    AugMixDataset, FastCollateMixup, Mixup, NaFlexMixup, create_dataset, create_loader, create_naflex_loader,
+    resolve_data_config)
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.loss import JsdCrossEntropy, create_classification_loss
 from timm.models import create_model, is_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
-    ClassificationTask, LogitDistillationTask, TrainingTask, evaluation_sample_limit, load_task_ema_checkpoint,
-    resume_task_checkpoint)
+    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask,
+    evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint)
 from timm.utils import NativeScaler
 
 from timm_tffd import SFDTask, TfFDConfig, TfFDTask, diagnose_nonfinite, is_wrapped
-from timm_tffd.kd import TfFDLogitDistillationTask
+from timm_tffd.kd import TfFDFeatureDistillationTask, TfFDLogitDistillationTask, TfFDTokenDistillationTask
 from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntropy
 from timm_tffd.self_distill import SELF_DISTILL_MODES, SelfDistill, parse_tau
 from timm_tffd.teacher import create_teacher
@@ -52,7 +56,7 @@ from timm_tffd.loss_meter import LossMeter
 from timm_tffd.losses.inter import DIRECTIONS, PAIRS
 from timm_tffd.losses.saliency import MODEL_SALIENCY, SALIENCY
 from timm_tffd.methods import get_method, list_methods
-from timm_tffd.train_compat import add_timm_argument, add_unsupported_arguments, load_config
+from timm_tffd.train_compat import ArgumentTable, config_argv, load_config
 
 _logger = logging.getLogger('train')
 
@@ -86,84 +90,105 @@ _TFFD_OPTION_FLAGS = {
 }
 
 
-def _add_tffd_arguments(parser: argparse.ArgumentParser):
+def _add_tffd_arguments(parser: argparse.ArgumentParser, table: ArgumentTable):
+    own = table.own
     group = parser.add_argument_group('Teacher-free Feature Distillation (not timm arguments)')
-    group.add_argument('--tffd', type=str, default=None, metavar='METHODS',
-                       help=f'comma-separated Tf-FD methods, e.g. inter,intra (known: {", ".join(list_methods())}); '
-                            f'none: plain timm training')
+    own(group, '--tffd', type=str, default=None, metavar='METHODS',
+        help=f'comma-separated Tf-FD methods, e.g. inter,intra (known: {", ".join(list_methods())}); none: plain '
+             f'timm training')
     for m in list_methods():
         method = get_method(m)
-        group.add_argument(f'--tffd-{m}-weight', type=float, default=method.default_weight, metavar='W',
-                           help=f'{m} loss weight: {method.description} (default: %(default)s)')
+        own(group, f'--tffd-{m}-weight', type=float, default=method.default_weight, metavar='W',
+            help=f'{m} loss weight: {method.description} (default: %(default)s)')
     defaults = TfFDConfig.flag_defaults()
-    group.add_argument('--tffd-warmup-epochs', type=float, default=defaults['tffd_warmup_epochs'], metavar='N',
-                       help='linear warm-up of the Tf-FD weights over N epochs, 0 for none (default: 20, the '
-                            'reference code)')
-    group.add_argument('--tffd-early-decay', type=float, nargs=2, default=None, metavar=('START', 'END'),
-                       help='early decay: the Tf-FD weights fall linearly to 0 between these epochs (default: none)')
-    group.add_argument('--tffd-stages', type=int, nargs='+', default=None, metavar='I',
-                       help='feature_info indices of the tapped stages (default: all but the stem)')
-    group.add_argument('--tffd-preact', action='store_true',
-                       help='tap stage outputs before their closing ReLU (ResNet-style stages)')
+    own(group, '--tffd-warmup-epochs', type=float, default=defaults['tffd_warmup_epochs'], metavar='N',
+        help='linear warm-up of the Tf-FD weights over N epochs, 0 for none (default: 20, the reference code)')
+    own(group, '--tffd-early-decay', type=float, nargs=2, default=None, metavar=('START', 'END'),
+        help='early decay: the Tf-FD weights fall linearly to 0 between these epochs (default: none)')
+    own(group, '--tffd-stages', type=int, nargs='+', default=None, metavar='I',
+        help='feature_info indices of the tapped stages (default: all but the stem)')
+    own(group, '--tffd-preact', action='store_true',
+        help='tap stage outputs before their closing ReLU (ResNet-style stages)')
     for option, spec in _TFFD_OPTION_FLAGS.items():
         spec = dict(spec)
         if spec.get('action') != 'store_true' and 'default:' not in spec['help']:
             spec['help'] += ' (default: %(default)s)'
-        group.add_argument(f'--tffd-{option.replace("_", "-")}', default=defaults[f'tffd_{option}'], **spec)
+        own(group, f'--tffd-{option.replace("_", "-")}', default=defaults[f'tffd_{option}'], **spec)
 
 
-def _add_teacher_arguments(parser: argparse.ArgumentParser):
-    add = add_timm_argument
-    group = parser.add_argument_group('Teacher: logit KD (timm\'s names) and SFD')
+def _add_teacher_arguments(parser: argparse.ArgumentParser, table: ArgumentTable):
+    add, own = table.timm, table.own
+    group = parser.add_argument_group('Distillation from a teacher: timm\'s logit / feature / token KD, and SFD')
     add(group, 'kd_model_name', '--teacher', type=str, metavar='NAME',
         help='teacher model: a timm name (with --teacher-checkpoint, or timm\'s pretrained weights), hf-hub:org/name or '
              'local-dir:PATH. Alone: logit KD; with --sfd: SFD')
-    group.add_argument('--teacher-checkpoint', type=str, default=None, metavar='PATH',
-                       help='teacher weights: a .safetensors file, a training checkpoint (read with '
-                            'weights_only=True) or hf-hub:org/name (not a timm argument)')
-    group.add_argument('--teacher-mean', type=float, nargs='+', default=None, metavar='MEAN',
-                       help='normalization mean the teacher was trained with (default: the student\'s for a '
-                            '--teacher-checkpoint, else the teacher\'s pretrained cfg)')
-    group.add_argument('--teacher-std', type=float, nargs='+', default=None, metavar='STD',
-                       help='normalization std the teacher was trained with (default: as --teacher-mean)')
-    add(group, 'kd_distill_type', type=str, choices=('logit',), help='distillation type (only logit; SFD: --sfd)')
+    own(group, '--teacher-checkpoint', type=str, default=None, metavar='PATH',
+        help='teacher weights: a .safetensors file, a training checkpoint (read with weights_only=True) or '
+             'hf-hub:org/name (not a timm argument)')
+    own(group, '--teacher-mean', type=float, nargs='+', default=None, metavar='MEAN',
+        help='normalization mean the teacher was trained with (default: the student\'s for a --teacher-checkpoint, '
+             'else the teacher\'s pretrained cfg; not a timm argument)')
+    own(group, '--teacher-std', type=float, nargs='+', default=None, metavar='STD',
+        help='normalization std the teacher was trained with (default: as --teacher-mean; not a timm argument)')
+    add(group, 'kd_distill_type', type=str, choices=('logit', 'feature', 'token'),
+        help='timm\'s distillation type: logit, feature (projected pooled features) or token (distillation-token '
+             'models) (default: logit)')
     add(group, 'kd_loss_type', type=str, choices=('kl',), help='logit distillation loss (default: kl)')
-    add(group, 'distill_loss_weight', type=float, help='weight of the KD term (see timm\'s LogitDistillationTask)')
-    add(group, 'task_loss_weight', type=float, help='weight of the classification term (see timm\'s '
-                                                    'LogitDistillationTask)')
-    add(group, 'kd_temperature', type=float, help='softmax temperature of logit KD (default: 4)')
-    group.add_argument('--sfd', type=str, nargs='?', const='ri', default=None, choices=('li', 'ai', 'ri'),
-                       help='SFD feature distillation from the teacher with this integrator (default when given '
-                            'without value: ri, the paper\'s default)')
-    group.add_argument('--sfd-weight', type=float, default=3.0, metavar='W',
-                       help='SFD loss weight (default: 3, as in SFD)')
+    add(group, 'distill_loss_weight', type=float, help='weight of the distillation term (see timm\'s distillation '
+                                                       'tasks)')
+    add(group, 'task_loss_weight', type=float, help='weight of the classification term (see timm\'s distillation '
+                                                    'tasks)')
+    add(group, 'kd_temperature', type=float, help='softmax temperature of logit and soft token KD (default: 4)')
+    add(group, 'kd_student_feature_dim', type=int, metavar='N',
+        help='feature KD: student feature width (default: the model\'s)')
+    add(group, 'kd_teacher_feature_dim', type=int, metavar='N',
+        help='feature KD: teacher feature width (default: the model\'s)')
+    add(group, 'kd_token_distill_type', type=str, choices=('soft', 'hard'),
+        help='token KD: soft (KL with temperature) or hard (CE on the teacher\'s argmax) (default: soft)')
+    own(group, '--sfd', type=str, nargs='?', const='ri', default=None, choices=('li', 'ai', 'ri'),
+        help='SFD feature distillation from the teacher with this integrator (default when given without value: ri, '
+             'the paper\'s default; not a timm argument)')
+    own(group, '--sfd-weight', type=float, default=3.0, metavar='W',
+        help='SFD loss weight (default: 3, as in SFD)')
 
     group = parser.add_argument_group(
         'Self-distillation SD / RSD (SFD, Pei et al., IJCAI 2021, eqs. 8-9; not timm arguments)')
-    group.add_argument('--self-distill', type=str, default=None, choices=SELF_DISTILL_MODES,
-                       help='after each epoch, theta <- tau theta + (1 - tau) theta_prev: "sd", or "rsd" (previous '
-                            'conv kernels flipped horizontally with p = 0.5)')
-    group.add_argument('--sd-tau', type=str, default='0.995,0.999', metavar='START,END',
-                       help='tau, ramped linearly over the epochs (default: %(default)s, SFD Table 2)')
+    own(group, '--self-distill', type=str, default=None, choices=SELF_DISTILL_MODES,
+        help='after each epoch, theta <- tau theta + (1 - tau) theta_prev: "sd", or "rsd" (previous conv kernels '
+             'flipped horizontally with p = 0.5)')
+    own(group, '--sd-tau', type=str, default='0.995,0.999', metavar='START,END',
+        help='tau, ramped linearly over the epochs (default: %(default)s, SFD Table 2)')
 
     group = parser.add_argument_group('Dynamic label smoothing (not timm arguments)')
-    group.add_argument('--smoothing-schedule', type=str, default='constant', choices=SCHEDULES,
-                       help='how --smoothing changes over the epochs: constant (timm), linear or cosine to '
-                            '--smoothing-end, or adaptive (per sample, smoothing * p(target)) (default: constant)')
-    group.add_argument('--smoothing-end', type=float, default=None, metavar='S',
-                       help='smoothing at the last epoch for linear / cosine (default: 0)')
+    own(group, '--smoothing-schedule', type=str, default='constant', choices=SCHEDULES,
+        help='how --smoothing changes over the epochs: constant (timm), linear or cosine to --smoothing-end, or '
+             'adaptive (per sample, smoothing * p(target)) (default: constant)')
+    own(group, '--smoothing-end', type=float, default=None, metavar='S',
+        help='smoothing at the last epoch for linear / cosine (default: 0)')
+
+
+def _default_workers() -> int:
+    """timm's default of 4 data-loading processes, capped at the CPUs this process may use (torch warns above)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def _build_parsers():
+    """The ``-c`` parser, the full parser (every argument of timm's train.py, then this script's own), and the
+    ``ArgumentTable`` that knows each argument's action."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='', metavar='FILE',
-                               help='YAML config (e.g. an args.yaml of timm\'s train.py or of this script) whose keys '
-                                    'set argument defaults')
-
-    parser = argparse.ArgumentParser(
-        description='Train a timm model with Teacher-free Feature Distillation (argument-compatible with timm\'s '
-                    'train.py; its unsupported arguments are rejected by name).', parents=[config_parser])
-    add = add_timm_argument
+                               help='YAML config (e.g. an args.yaml of timm\'s train.py or of this script); the command '
+                                    'line overrides it')
+    parser = _Parser(
+        description='Train a timm model with Teacher-free Feature Distillation. Takes every argument of timm\'s '
+                    'train.py, with its names and defaults, plus the Tf-FD, teacher and self-distillation arguments.',
+        parents=[config_parser])
+    table = ArgumentTable()
+    add, own = table.timm, table.own
 
     group = parser.add_argument_group('Dataset')
     add(parser, 'data', nargs='?', metavar='DIR',
@@ -173,40 +198,72 @@ def _build_parsers():
         help='"" (folder or .tar at the data dir) or <type>/<name> with type torch, hfds, hfids, tfds or wds')
     add(group, 'train_split', metavar='NAME', help='training split (default: train)')
     add(group, 'val_split', metavar='NAME', help='validation split, "" for none (default: validation)')
-    add(group, 'dataset_download', action='store_true', help='let torch/ datasets download into the data dir')
+    add(group, 'train_num_samples', type=int, metavar='N', help='samples in the training split (iterable datasets)')
+    add(group, 'val_num_samples', type=int, metavar='N', help='samples in the validation split (iterable datasets)')
+    add(group, 'dataset_download', action='store_true', help='let torch/ and tfds/ datasets download into the data dir')
+    add(group, 'class_map', type=str, metavar='FILENAME', help='class name to index mapping file')
+    add(group, 'input_img_mode', type=str, metavar='MODE',
+        help='PIL mode the images are converted to (default: RGB for 3 input channels, L for 1)')
     add(group, 'input_key', type=str, help='image field of hfds/ datasets (default: reader default, "image")')
     add(group, 'target_key', type=str, help='label field of hfds/ datasets (default: reader default, "label")')
-    group.add_argument('--max-train-samples', type=int, default=None, metavar='N',
-                       help='train on a fixed random subset of N training samples (seeded by --seed, the same on '
-                            'every rank): for smoke tests and quick runs (not a timm argument)')
-    group.add_argument('--max-val-samples', type=int, default=None, metavar='N',
-                       help='validate on a fixed random subset of N samples (not a timm argument)')
+    add(group, 'dataset_trust_remote_code', action='store_true',
+        help='let Hugging Face datasets run code from the dataset\'s repository')
+    own(group, '--max-train-samples', type=int, default=None, metavar='N',
+        help='train on a fixed random subset of N training samples (seeded by --seed, the same on every rank): for '
+             'smoke tests and quick runs (not a timm argument)')
+    own(group, '--max-val-samples', type=int, default=None, metavar='N',
+        help='validate on a fixed random subset of N samples (not a timm argument)')
 
     group = parser.add_argument_group('Model')
     add(group, 'model', type=str, metavar='MODEL', help='timm model name (default: resnet50)')
     add(group, 'pretrained', action='store_true', help='start from the model\'s pretrained weights')
+    add(group, 'pretrained_path', type=str, metavar='PATH',
+        help='load this file as the pretrained weights, with timm\'s adaptation of the classifier and input channels')
     add(group, 'initial_checkpoint', type=str, metavar='PATH', help='load these weights after creating the model')
     add(group, 'resume', type=str, metavar='PATH',
         help='resume model, optimizer, scheduler, EMA, epoch and Tf-FD state from a checkpoint')
+    add(group, 'no_resume_opt', action='store_true', help='with --resume: do not restore the optimizer and loss scaler')
     add(group, 'num_classes', type=int, metavar='N', help='number of classes (default: model default)')
+    add(group, 'gp', type=str, metavar='POOL', help='global pool type, e.g. avg, max, avgmax (default: model default)')
     add(group, 'img_size', type=int, metavar='N', help='image size (default: model default)')
     add(group, 'in_chans', type=int, metavar='N', help='input channels (default: 3)')
+    add(group, 'input_size', type=int, nargs=3, metavar='N', help='input size C H W, e.g. 3 224 224 (default: model '
+                                                                  'default)')
+    add(group, 'crop_pct', type=float, metavar='PCT', help='validation center-crop fraction (default: model default)')
     add(group, 'mean', type=float, nargs='+', metavar='MEAN', help='normalization mean (default: model default)')
     add(group, 'std', type=float, nargs='+', metavar='STD', help='normalization std (default: model default)')
+    add(group, 'interpolation', type=str, metavar='NAME', help='resize interpolation (default: model default)')
     add(group, 'batch_size', type=int, metavar='N', help='batch size per process (default: 128)')
+    add(group, 'validation_batch_size', type=int, metavar='N', help='validation batch size (default: --batch-size)')
     add(group, 'channels_last', action='store_true', help='channels_last memory layout')
-    add(group, 'model_kwargs', nargs='*', action=utils.ParseKwargs, metavar='KEY=VALUE',
+    add(group, 'fuser', type=str, choices=('', 'te', 'old', 'nvfuser'), help='TorchScript fuser (default: torch\'s)')
+    add(group, 'grad_accum_steps', type=int, metavar='N',
+        help='accumulate gradients over N batches per optimizer step (default: 1)')
+    add(group, 'grad_checkpointing', action='store_true', help='gradient checkpointing through the model\'s blocks')
+    add(group, 'fast_norm', action='store_true', help='timm\'s experimental fast normalization layers')
+    add(group, 'model_kwargs', nargs='*', action=_ParseKwargs, metavar='KEY=VALUE',
         help='extra model constructor arguments, e.g. img_size=32 for a ViT on the embedded data')
-    add(group, 'torchcompile', nargs='?', type=str, const='inductor', metavar='BACKEND',
+    add(group, 'head_init_scale', type=float, metavar='S', help='multiply the initial classifier weights by S')
+    add(group, 'head_init_bias', type=float, metavar='B', help='initialize the classifier bias to B')
+    add(group, 'torchcompile_mode', type=str, metavar='MODE', help='torch.compile mode (default: torch\'s)')
+    scripting = group.add_mutually_exclusive_group()
+    add(scripting, 'torchscript', action='store_true', help='torch.jit.script the model (not with --tffd)')
+    add(scripting, 'torchcompile', nargs='?', type=str, const='inductor', metavar='BACKEND',
         help='torch.compile the task with this backend (default when given without value: inductor)')
 
-    group = parser.add_argument_group('Device')
+    group = parser.add_argument_group('Device and precision')
     add(group, 'device', type=str, default=None,
         help='device (default: cuda when available, else cpu; timm\'s train.py defaults to cuda)')
     add(group, 'amp', action='store_true', help='mixed precision (autocast; bfloat16 on CPU)')
     add(group, 'amp_dtype', type=str, choices=('float16', 'bfloat16'),
         help='autocast dtype on CUDA (default: float16, with loss scaling)')
+    add(group, 'model_dtype', type=str, choices=('float32', 'float16', 'bfloat16'),
+        help='train the model in this dtype instead of float32 (not with --amp)')
+    add(group, 'no_ddp_bb', action='store_true', help='DDP: do not broadcast buffers')
+    add(group, 'synchronize_step', action='store_true', help='synchronize the device after each optimizer step')
     add(group, 'local_rank', type=int, help='set by legacy launchers; the rank is read from the environment')
+    add(group, 'device_modules', type=str, nargs='+', metavar='MODULE',
+        help='Python modules to import for a device backend')
 
     group = parser.add_argument_group('Optimizer')
     add(group, 'opt', type=str, metavar='OPTIMIZER', help='timm optimizer name (default: sgd)')
@@ -214,84 +271,198 @@ def _build_parsers():
     add(group, 'opt_betas', type=float, nargs='+', metavar='BETA', help='optimizer betas (default: optimizer default)')
     add(group, 'momentum', type=float, metavar='M', help='optimizer momentum (default: 0.9)')
     add(group, 'weight_decay', type=float, help='weight decay (default: 2e-5)')
+    add(group, 'clip_grad', type=float, metavar='NORM', help='clip the gradients at this value (default: no clipping)')
+    add(group, 'clip_mode', type=str, choices=('norm', 'value', 'agc'),
+        help='gradient clipping: total norm, each value, or adaptive (agc; the classifier is not clipped) '
+             '(default: norm)')
+    add(group, 'layer_decay', type=float, metavar='RATE', help='layer-wise learning-rate decay (default: none)')
+    add(group, 'layer_decay_min_scale', type=float, metavar='S', help='lower bound of the layer-decay scale')
+    add(group, 'layer_decay_no_opt_scale', type=float, metavar='S',
+        help='freeze the layers whose layer-decay scale falls below S')
+    add(group, 'opt_kwargs', nargs='*', action=_ParseKwargs, metavar='KEY=VALUE',
+        help='extra optimizer arguments')
 
     group = parser.add_argument_group('Learning rate schedule')
     add(group, 'sched', type=str, metavar='SCHEDULER', help='timm scheduler name (default: cosine)')
+    add(group, 'sched_on_updates', action='store_true', help='step the schedule at every update, not every epoch')
     add(group, 'lr', type=float, metavar='LR', help='learning rate (default: --lr-base scaled by the global batch)')
     add(group, 'lr_base', type=float, metavar='LR', help='lr for a global batch of --lr-base-size (default: 0.1)')
     add(group, 'lr_base_size', type=int, metavar='DIV', help='batch size of --lr-base (default: 256)')
-    add(group, 'lr_base_scale', type=str, metavar='SCALE',
+    add(group, 'lr_base_scale', type=str, choices=('', 'linear', 'sqrt'), metavar='SCALE',
         help='"linear" or "sqrt" batch scaling of --lr-base (default: sqrt for ada*/lamb, else linear)')
+    add(group, 'lr_noise', type=float, nargs='+', metavar='PCT', help='lr noise on (and off) at these fractions of '
+                                                                      'the epochs')
+    add(group, 'lr_noise_pct', type=float, metavar='PCT', help='lr noise limit (default: 0.67)')
+    add(group, 'lr_noise_std', type=float, metavar='STD', help='lr noise std (default: 1)')
+    add(group, 'lr_cycle_mul', type=float, metavar='MULT', help='lr cycle length multiplier (default: 1)')
+    add(group, 'lr_cycle_decay', type=float, metavar='MULT', help='lr decay per cycle (default: 0.5)')
+    add(group, 'lr_cycle_limit', type=int, metavar='N', help='lr cycles (default: 1)')
+    add(group, 'lr_k_decay', type=float, metavar='K', help='k-decay of cosine / poly schedules (default: 1)')
     add(group, 'warmup_lr', type=float, metavar='LR', help='lr at the start of the warmup (default: 1e-5)')
     add(group, 'min_lr', type=float, metavar='LR', help='lower lr bound (default: 0)')
     add(group, 'epochs', type=int, metavar='N', help='epochs to train (default: 300)')
+    add(group, 'epoch_repeats', type=float, metavar='N', help='passes over the dataset per epoch (default: 1)')
+    add(group, 'start_epoch', type=int, metavar='N', help='first epoch (overrides the one --resume restores)')
     add(group, 'decay_milestones', type=int, nargs='+', metavar='MILESTONES',
         help='epochs of the multistep lr decays (default: 90 180 270)')
     add(group, 'decay_epochs', type=float, metavar='N', help='epochs between step lr decays (default: 90)')
     add(group, 'warmup_epochs', type=int, metavar='N', help='lr warmup epochs (default: 5)')
+    add(group, 'warmup_prefix', action='store_true', help='the warmup comes before the schedule, not within it')
     add(group, 'cooldown_epochs', type=int, metavar='N', help='epochs at --min-lr after the schedule (default: 0)')
+    add(group, 'patience_epochs', type=int, metavar='N', help='patience of the plateau schedule (default: 10)')
     add(group, 'decay_rate', type=float, metavar='RATE', help='lr decay factor (default: 0.1)')
 
     group = parser.add_argument_group('Augmentation and regularization')
     add(group, 'no_aug', action='store_true', help='no training augmentation (resize and center crop only)')
-    add(group, 'aa', type=str, metavar='NAME', help='AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5')
-    add(group, 'bce_loss', action='store_true', help='binary cross-entropy instead of softmax cross-entropy')
-    add(group, 'reprob', type=float, metavar='PCT', help='random erasing probability (default: 0)')
-    add(group, 'mixup', type=float, help='mixup alpha, on when > 0 (default: 0)')
-    add(group, 'cutmix', type=float, help='cutmix alpha, on when > 0 (default: 0)')
-    add(group, 'mixup_prob', type=float, help='probability of mixing a batch (default: 1)')
-    add(group, 'mixup_switch_prob', type=float, help='probability of cutmix when both are on (default: 0.5)')
-    add(group, 'mixup_mode', type=str, choices=('batch', 'pair', 'elem'), help='mixup granularity (default: batch)')
+    add(group, 'train_crop_mode', type=str, metavar='MODE', help='training crop mode (default: random resized crop)')
     add(group, 'scale', type=float, nargs='+', metavar='PCT', help='random-resized-crop area range (default: 0.08 1)')
     add(group, 'ratio', type=float, nargs='+', metavar='RATIO', help='random-resized-crop aspect range (default: 3/4 4/3)')
     add(group, 'hflip', type=float, help='horizontal flip probability (default: 0.5)')
+    add(group, 'vflip', type=float, help='vertical flip probability (default: 0)')
     add(group, 'color_jitter', type=float, metavar='PCT', help='color jitter factor (default: 0.4)')
-    group.add_argument('--pad-crop', type=int, default=0, metavar='PIX',
-                       help='CIFAR-style augmentation: zero-pad by PIX and randomly crop back, before timm\'s train '
-                            'transform; use with --scale 1 1 --ratio 1 1 --color-jitter 0 for the classic pad-4 crop + '
-                            'flip (not a timm argument)')
-    add(group, 'smoothing', type=float, help='label smoothing (default: 0.1)')
+    add(group, 'color_jitter_prob', type=float, metavar='PCT', help='probability of any color jitter')
+    add(group, 'grayscale_prob', type=float, metavar='PCT', help='probability of random grayscale')
+    add(group, 'gaussian_blur_prob', type=float, metavar='PCT', help='probability of gaussian blur')
+    add(group, 'aa', type=str, metavar='NAME', help='AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5')
+    add(group, 'aug_repeats', type=float, metavar='N', help='repeated augmentation: each image N times per epoch '
+                                                            '(distributed training)')
+    add(group, 'aug_splits', type=int, metavar='N', help='AugMix-style augmentation splits (0, or 2 and more)')
+    add(group, 'jsd_loss', action='store_true', help='Jensen-Shannon divergence + CE over the splits (with '
+                                                     '--aug-splits)')
+    add(group, 'bce_loss', action='store_true', help='binary cross-entropy instead of softmax cross-entropy')
+    add(group, 'bce_sum', action='store_true', help='BCE summed over the classes')
+    add(group, 'bce_target_thresh', type=float, metavar='T', help='binarize the soft BCE targets at T')
+    add(group, 'bce_pos_weight', type=float, metavar='W', help='BCE positive-class weight')
+    add(group, 'reprob', type=float, metavar='PCT', help='random erasing probability (default: 0)')
+    add(group, 'remode', type=str, choices=('const', 'rand', 'pixel'), help='random erasing fill (default: pixel)')
+    add(group, 'recount', type=int, metavar='N', help='random erasing count (default: 1)')
+    add(group, 'resplit', action='store_true', help='no random erasing on the first (clean) augmentation split')
+    add(group, 'mixup', type=float, help='mixup alpha, on when > 0 (default: 0)')
+    add(group, 'cutmix', type=float, help='cutmix alpha, on when > 0 (default: 0)')
+    add(group, 'cutmix_minmax', type=float, nargs='+', metavar='RATIO',
+        help='cutmix min / max box ratio (turns cutmix on, overrides its alpha)')
+    add(group, 'mixup_prob', type=float, help='probability of mixing a batch (default: 1)')
+    add(group, 'mixup_switch_prob', type=float, help='probability of cutmix when both are on (default: 0.5)')
+    add(group, 'mixup_mode', type=str, choices=('batch', 'pair', 'elem'), help='mixup granularity (default: batch)')
+    add(group, 'mixup_off_epoch', type=int, metavar='N', help='no mixup / cutmix from epoch N on (0: never off)')
+    add(group, 'smoothing', '--smooth', type=float, help='label smoothing (default: 0.1)')
+    add(group, 'train_interpolation', type=str, metavar='NAME',
+        help='training resize interpolation (default: random)')
+    own(group, '--pad-crop', type=int, default=0, metavar='PIX',
+        help='CIFAR-style augmentation: zero-pad by PIX and randomly crop back, before timm\'s train transform; use '
+             'with --scale 1 1 --ratio 1 1 --color-jitter 0 for the classic pad-4 crop + flip (not a timm argument)')
     add(group, 'drop', type=float, metavar='PCT', help='dropout rate (default: 0)')
+    add(group, 'drop_connect', type=float, metavar='PCT', help='deprecated in timm (use --drop-path); has no effect')
     add(group, 'drop_path', type=float, metavar='PCT', help='drop path rate (default: model default)')
     add(group, 'drop_block', type=float, metavar='PCT', help='drop block rate (resnet / byobnet families)')
 
-    group = parser.add_argument_group('BatchNorm in distributed training')
+    group = parser.add_argument_group('BatchNorm')
+    add(group, 'bn_momentum', type=float, metavar='M', help='BatchNorm momentum (default: model default)')
+    add(group, 'bn_eps', type=float, metavar='EPS', help='BatchNorm epsilon (default: model default)')
     add(group, 'sync_bn', action='store_true', help='SyncBatchNorm (CUDA only)')
     add(group, 'dist_bn', type=str, choices=('reduce', 'broadcast', ''),
         help='after each epoch, average ("reduce") or copy from rank 0 ("broadcast") the BN statistics '
              '(default: reduce)')
+    add(group, 'split_bn', action='store_true', help='separate BatchNorm layers per augmentation split')
 
     group = parser.add_argument_group('Model EMA')
     add(group, 'model_ema', action='store_true', help='track an exponential moving average of the weights')
+    add(group, 'model_ema_force_cpu', action='store_true',
+        help='keep the EMA on the CPU (it is then not validated, as in timm)')
     add(group, 'model_ema_decay', type=float, help='EMA decay (default: 0.9998)')
     add(group, 'model_ema_warmup', action='store_true', help='warm up the EMA decay')
 
     group = parser.add_argument_group('Miscellaneous')
     add(group, 'seed', type=int, metavar='S', help='random seed (default: 42)')
-    add(group, 'log_interval', type=int, metavar='N', help='steps between log lines (default: 50)')
+    add(group, 'worker_seeding', type=str, metavar='MODE', help='data-loader worker seeding (default: all)')
+    add(group, 'log_interval', type=int, metavar='N', help='optimizer steps between log lines (default: 50)')
+    add(group, 'val_interval', type=int, metavar='N',
+        help='validate and save a checkpoint every N epochs (and after the last) (default: 1)')
+    add(group, 'recovery_interval', type=int, metavar='N',
+        help='save a recovery checkpoint every N optimizer steps (default: never)')
     add(group, 'checkpoint_hist', type=int, metavar='N', help='epoch checkpoints to keep (default: 10)')
-    add(group, 'workers', type=int, metavar='N', help='data loading processes per rank (default: 4)')
+    add(group, 'workers', type=int, metavar='N', default=_default_workers(),
+        help='data loading processes per rank (default: timm\'s 4, at most the CPUs available: %(default)s)')
+    add(group, 'save_images', action='store_true', help='save the input batch as an image at each log line')
+    add(group, 'pin_mem', action='store_true', help='pin the loaders\' CPU memory')
+    add(group, 'no_prefetcher', action='store_true', help='no timm prefetcher: batches are moved and mixed in the loop')
     add(group, 'output', type=str, metavar='PATH', help='output root (default: ./output/train)')
     add(group, 'experiment', type=str, metavar='NAME', help='output sub-folder (default: date-model-size)')
+    add(group, 'eval_metric', type=str, choices=('top1', 'top5', 'loss'), metavar='EVAL_METRIC',
+        help='validation metric that picks model_best (default: top1)')
+    add(group, 'tta', type=int, metavar='N',
+        help='validation: average the outputs of N consecutive samples (a loader that repeats each image N times)')
+    add(group, 'use_multi_epochs_loader', action='store_true', help='keep the data-loading processes across epochs')
     add(group, 'log_wandb', action='store_true', help='log the summary rows to Weights & Biases')
+    add(group, 'wandb_project', type=str, help='wandb project')
+    add(group, 'wandb_tags', type=str, nargs='+', help='wandb tags')
+    add(group, 'wandb_resume_id', type=str, metavar='ID', help='wandb run id to resume (with --resume)')
 
-    _add_tffd_arguments(parser)
-    _add_teacher_arguments(parser)
-    unsupported = add_unsupported_arguments(parser)
-    return config_parser, parser, unsupported
+    group = parser.add_argument_group('Variable resolution and NaFlex loaders')
+    add(group, 'train_img_sizes', type=int, nargs='+', metavar='N', help='per-batch square training image sizes')
+    add(group, 'train_batch_sizes', type=int, nargs='+', metavar='N', help='batch size of each --train-img-sizes '
+                                                                           'choice (default: --batch-size)')
+    add(group, 'train_size_probs', type=float, nargs='+', metavar='P', help='weights of the --train-img-sizes '
+                                                                            'choices (default: uniform)')
+    add(group, 'train_size_schedule', type=str, choices=('constant', 'progressive'),
+        help='resolution choice schedule (default: constant)')
+    add(group, 'train_size_schedule_spread', type=float, metavar='S', help='progressive schedule spread (default: '
+                                                                           '0.65)')
+    add(group, 'train_size_random_mix', type=float, metavar='P',
+        help='uniform random choices mixed into a progressive schedule (default: 0.1)')
+    add(group, 'train_batches_per_epoch', type=int, metavar='N', help='training batches per epoch (default: '
+                                                                      'inferred)')
+    add(group, 'variable_batch_loss_scale', type=str, choices=('none', 'sqrt', 'linear'),
+        help='scale the loss by the batch size relative to the average scheduled one (default: none)')
+    add(group, 'naflex_loader', action='store_true', help='timm\'s NaFlex loader (NaFlex models; not with --tffd)')
+    add(group, 'naflex_train_seq_lens', type=int, nargs='+', metavar='N', help='NaFlex training sequence lengths')
+    add(group, 'naflex_max_seq_len', type=int, metavar='N', help='NaFlex validation sequence length (default: 576)')
+    add(group, 'naflex_patch_sizes', type=int, nargs='+', metavar='N', help='NaFlex patch sizes to sample')
+    add(group, 'naflex_patch_size_probs', type=float, nargs='+', metavar='P', help='weights of --naflex-patch-sizes')
+    add(group, 'naflex_loss_scale', type=str, choices=('none', 'sqrt', 'linear'),
+        help='NaFlex: scale the loss by the batch size (default: linear)')
+    add(group, 'naflex_patchify_channels_first', action='store_true', help='NaFlex: channels-first patches')
+
+    _add_tffd_arguments(parser, table)
+    _add_teacher_arguments(parser, table)
+    return config_parser, parser, table
+
+
+class _ParseKwargs(utils.ParseKwargs):
+    """timm's KEY=VALUE argument action, with a usage error instead of a traceback for a token without '='."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            parser.error(f'argument {option_string}: expected KEY=VALUE, got {bad[0]!r}')
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose error messages can name where the arguments came from (a ``-c`` config)."""
+    source = ''
+
+    def error(self, message):
+        super().error(f'{self.source}{message}')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse a timm-style command line (with an optional ``-c`` YAML config); returns ``(args, args_text)``."""
-    config_parser, parser, unsupported = _build_parsers()
-    teacher_defaults = {k: parser.get_default(k) for k in _TEACHER_FLAGS}  # before -c sets new defaults
+    config_parser, parser, table = _build_parsers()
+    teacher_defaults = {k: parser.get_default(k) for k in _TEACHER_FLAGS}
     args_config, remaining = config_parser.parse_known_args(argv)
+    config_tokens = []
     if args_config.config:
         try:
-            parser.set_defaults(**load_config(args_config.config, parser, unsupported))
+            config_tokens, positional = config_argv(load_config(args_config.config), table.actions,
+                                                    args_config.config)
         except (OSError, ValueError, yaml.YAMLError) as e:
             parser.error(str(e))
-    args = parser.parse_args(remaining)
+        parser.set_defaults(**positional)
+        parser.source = f'config {args_config.config}: '
+        parser.parse_args(config_tokens)  # the config alone: its errors name it
+        parser.source = ''
+    args = parser.parse_args(config_tokens + remaining)
     del args.config  # like timm's args.yaml, ours holds the arguments the config set, not its path
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     _check_args(args, parser)
@@ -334,14 +505,69 @@ def _check_args(args, parser: argparse.ArgumentParser):
         parser.error(f'--pad-crop must be >= 0, got {args.pad_crop}')
     if args.pad_crop and args.no_aug:
         parser.error('--pad-crop is a training augmentation; it cannot go with --no-aug')
-    if args.batch_size < 1 or args.epochs < 1:
-        parser.error('--batch-size and --epochs must be >= 1')
+    for flag, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
+                        ('--grad-accum-steps', args.grad_accum_steps), ('--val-interval', args.val_interval),
+                        ('--log-interval', args.log_interval)):
+        if value < 1:
+            parser.error(f'{flag} must be >= 1, got {value}')
+    for flag, value in (('--workers', args.workers), ('--recovery-interval', args.recovery_interval),
+                        ('--checkpoint-hist', args.checkpoint_hist), ('--tta', args.tta),
+                        ('--aug-repeats', args.aug_repeats), ('--mixup-off-epoch', args.mixup_off_epoch)):
+        if value < 0:
+            parser.error(f'{flag} must be >= 0, got {value}')
+    _check_timm_combinations(args, parser)
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device_type = args.device.split(':')[0]
     if device_type == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device {args.device} requested but CUDA is not available; use --device cpu')
     if args.sync_bn and device_type != 'cuda':
         parser.error('--sync-bn cannot be used with --device cpu: torch\'s SyncBatchNorm runs on CUDA only')
+
+
+def _check_timm_combinations(args, parser: argparse.ArgumentParser):
+    """The combinations timm's train.py refuses with an assert, and those the Tf-FD taps cannot follow: one message."""
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        parser.error(f'--aug-splits must be 0 (off) or >= 2, got {args.aug_splits}')
+    if args.jsd_loss and args.aug_splits < 2:
+        parser.error('--jsd-loss needs --aug-splits 2 or more (the JSD is taken between the augmentation splits)')
+    if args.jsd_loss and (args.bce_loss or args.smoothing_schedule != 'constant'):
+        parser.error('--jsd-loss is its own loss: it cannot go with --bce-loss or --smoothing-schedule')
+    if args.split_bn and args.aug_splits < 2 and not args.resplit:
+        parser.error('--split-bn needs --aug-splits 2 or more (or --resplit)')
+    if args.split_bn and args.sync_bn:
+        parser.error('--split-bn cannot go with --sync-bn')
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup and args.aug_splits > 1 and not args.no_prefetcher:
+        parser.error('mixup / cutmix with --aug-splits needs --no-prefetcher (timm\'s collate cannot mix the splits)')
+    if args.aug_splits > 1 and args.pad_crop:
+        parser.error('--pad-crop cannot go with --aug-splits')
+    if args.model_dtype and args.model_dtype != 'float32' and args.amp:
+        parser.error('--amp needs a float32 model: leave out --model-dtype or --amp')
+    if args.torchscript and args.torchcompile:
+        parser.error('--torchscript and --torchcompile exclude each other')
+    if args.torchscript and (args.tffd or args.sfd):
+        parser.error('--torchscript cannot keep the Tf-FD / SFD feature taps (Python forward hooks and a Python '
+                     'forward); use --torchcompile instead')
+    if args.torchscript and args.sync_bn:
+        parser.error('--torchscript cannot go with --sync-bn')
+    if args.naflex_loader and args.train_img_sizes:
+        parser.error('--naflex-loader and --train-img-sizes are alternative loaders: give one')
+    if args.naflex_loader and args.use_multi_epochs_loader:
+        parser.error('--use-multi-epochs-loader does not work with --naflex-loader')
+    if args.naflex_loader and args.aug_splits > 1:
+        parser.error('--aug-splits does not work with --naflex-loader')
+    if args.naflex_loader and (args.tffd or args.sfd):
+        parser.error('--tffd / --sfd need image batches whose feature maps have a spatial layout; the NaFlex loader '
+                     'gives variable-length patch sequences')
+    if args.naflex_loader and args.pad_crop:
+        parser.error('--pad-crop does not work with --naflex-loader')
+    if args.naflex_patch_size_probs and len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes or ()):
+        parser.error('--naflex-patch-size-probs needs one probability per --naflex-patch-sizes entry')
+    if args.wandb_resume_id and not args.resume:
+        parser.error('--wandb-resume-id continues a wandb run: it needs --resume')
+    if args.kd_distill_type != 'logit' and args.sfd:
+        parser.error(f'--sfd is its own feature distillation: it cannot go with --kd-distill-type '
+                     f'{args.kd_distill_type}')
 
 
 _TEACHER_FLAGS = ('teacher_checkpoint', 'teacher_mean', 'teacher_std', 'sfd', 'sfd_weight', 'distill_loss_weight',
@@ -387,17 +613,20 @@ def _create_teacher(args, data_config, device):
 
 
 def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device: torch.device,
-               data_config: dict) -> TrainingTask:
+               data_config: dict, dtype: Optional[torch.dtype] = None) -> TrainingTask:
     """The training task; the one place that decides what a training step computes.
 
-    ===========================  ===============================================================================
-    flags                        task
-    ===========================  ===============================================================================
-    (none)                       timm ``ClassificationTask``
-    ``--tffd``                   ``TfFDTask``
-    ``--teacher``                timm ``LogitDistillationTask`` (``TfFDLogitDistillationTask`` with ``--tffd``)
-    ``--teacher --sfd``          ``SFDTask`` (with Tf-FD terms with ``--tffd``)
-    ===========================  ===============================================================================
+    ========================================  ==================================================================
+    flags                                     task
+    ========================================  ==================================================================
+    (none)                                    timm ``ClassificationTask``
+    ``--tffd``                                ``TfFDTask``
+    ``--teacher``                             timm ``LogitDistillationTask`` (``TfFDLogitDistillationTask`` with
+                                              ``--tffd``)
+    ``--teacher --kd-distill-type feature``   timm ``FeatureDistillationTask`` (``TfFDFeatureDistillationTask``)
+    ``--teacher --kd-distill-type token``     timm ``TokenDistillationTask`` (``TfFDTokenDistillationTask``)
+    ``--teacher --sfd``                       ``SFDTask`` (with Tf-FD terms with ``--tffd``)
+    ========================================  ==================================================================
 
     ``--self-distill`` adds the SD / RSD step (``build_self_distill``) to any of them. The loop calls
     ``task.set_epoch(epoch)`` (or the criterion's) before each epoch, and saves ``task.get_task_state()`` in every
@@ -413,15 +642,25 @@ def build_task(args, model: torch.nn.Module, criterion: torch.nn.Module, device:
     if teacher is not None:
         # timm's KD tasks read the student's normalization from its pretrained cfg: make it the one trained with
         model.pretrained_cfg = dict(model.pretrained_cfg, mean=data_config['mean'], std=data_config['std'])
-        kd = dict(loss_type=args.kd_loss_type, distill_loss_weight=args.distill_loss_weight,
-                  task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature, device=device,
-                  verbose=verbose)
+        kd = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight, device=device,
+                  dtype=dtype, verbose=verbose)
+        if args.kd_distill_type == 'feature':
+            kd.update(student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim)
+            if tffd:
+                return TfFDFeatureDistillationTask(model, teacher, criterion, tffd=tffd, **kd)
+            return FeatureDistillationTask(model, teacher, criterion, **kd)
+        if args.kd_distill_type == 'token':
+            kd.update(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature)
+            if tffd:
+                return TfFDTokenDistillationTask(model, teacher, criterion, tffd=tffd, **kd)
+            return TokenDistillationTask(model, teacher, criterion, **kd)
+        kd.update(loss_type=args.kd_loss_type, temperature=args.kd_temperature)
         if tffd:
             return TfFDLogitDistillationTask(model, teacher, criterion, tffd=tffd, **kd)
         return LogitDistillationTask(model, teacher, criterion, **kd)
     if tffd:
-        return TfFDTask(model, criterion, tffd=tffd, device=device, verbose=verbose)
-    return ClassificationTask(model, criterion, device=device, verbose=verbose)
+        return TfFDTask(model, criterion, tffd=tffd, device=device, dtype=dtype, verbose=verbose)
+    return ClassificationTask(model, criterion, device=device, dtype=dtype, verbose=verbose)
 
 
 def build_self_distill(args, task: TrainingTask) -> Optional[SelfDistill]:
@@ -429,6 +668,20 @@ def build_self_distill(args, task: TrainingTask) -> Optional[SelfDistill]:
     if not args.self_distill:
         return None
     return SelfDistill(task.get_trainable_module(), args.self_distill, args.sd_tau, args.epochs, seed=args.seed)
+
+
+@dataclass
+class _Loop:
+    """What the training loop needs besides the task, loader and optimizer."""
+    args: argparse.Namespace
+    device: torch.device
+    amp_autocast: object
+    loss_scaler: Optional[NativeScaler]
+    model_dtype: Optional[torch.dtype] = None
+    mixup_fn: Optional[Mixup] = None  # --no-prefetcher: mixup / cutmix in the loop
+    saver: Optional[AtomicCheckpointSaver] = None  # recovery checkpoints
+    output_dir: Optional[str] = None  # --save-images
+    batch_size_reference: float = 1.  # variable-size batches: the loss is scaled relative to this
 
 
 class _SetupError(Exception):
@@ -473,10 +726,13 @@ def _create_dataset(args, split: str, is_training: bool, img_mode: str):
 
 
 def _create_model(args, in_chans: int) -> torch.nn.Module:
+    kwargs = {}
+    if args.pretrained_path:  # as timm: the file replaces the pretrained weights' source, the head is adapted
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
     try:
-        return create_model(
+        model = create_model(
             args.model,
-            pretrained=args.pretrained,
+            pretrained=args.pretrained or bool(args.pretrained_path),  # timm ignores the file without --pretrained
             in_chans=in_chans,
             num_classes=args.num_classes,
             drop_rate=args.drop,
@@ -485,7 +741,9 @@ def _create_model(args, in_chans: int) -> torch.nn.Module:
             global_pool=args.gp,
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
+            scriptable=args.torchscript,
             checkpoint_path=args.initial_checkpoint,
+            **kwargs,
             **args.model_kwargs,
         )
     except TypeError as e:  # e.g. drop_block_rate, which only the resnet / byobnet families take
@@ -493,22 +751,53 @@ def _create_model(args, in_chans: int) -> torch.nn.Module:
                           f'--model-kwargs ({e})') from e
     except (RuntimeError, OSError, ValueError) as e:
         raise _SetupError(f'cannot create model {args.model}: {e}') from e
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        head = model.get_classifier()
+        with torch.no_grad():
+            if args.head_init_scale is not None:
+                head.weight.mul_(args.head_init_scale)
+                head.bias.mul_(args.head_init_scale)
+            if args.head_init_bias is not None:
+                head.bias.fill_(args.head_init_bias)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    return model
 
 
-def _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixup_active: bool):
-    """timm's loaders with train.py's settings (prefetcher, FastCollateMixup, train.py's augmentation defaults)."""
-    collate_fn = None
-    if mixup_active:
-        collate_fn = FastCollateMixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing if args.smoothing_schedule == 'constant' else 0.,
-            num_classes=args.num_classes)
-    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
-                  distributed=args.distributed, use_prefetcher=args.prefetcher, num_workers=args.workers)
-    loader_train = create_loader(
-        dataset_train,
-        input_size=data_config['input_size'],
+def _check_input_size(model: torch.nn.Module, input_size: tuple, device: torch.device, dtype: Optional[torch.dtype]):
+    """One eval-mode forward of a single zero image: a model that cannot take the data's input size (a ViT built
+    for 224 px fed 32 px images) is named here, with what to do, instead of failing inside the first step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _SetupError(
+            f'model {model.__class__.__name__} cannot take inputs of size {tuple(input_size)} ({message}). Models '
+            f'built for a fixed size (ViT-style patch embeddings) take the size at construction: add '
+            f'--model-kwargs img_size={input_size[-1]}') from e
+    finally:
+        model.train(was_training)
+
+
+def _mixup_args(args) -> dict:
+    return dict(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing if args.smoothing_schedule == 'constant' else 0.,
+        num_classes=args.num_classes)
+
+
+def _create_loaders(args, data_config, dataset_train, dataset_eval, loop: _Loop, mixup_active: bool,
+                    model_patch_size=None):
+    """timm's loaders with train.py's settings: the prefetcher (with FastCollateMixup) or mixup in the loop,
+    AugMix splits, repeated augmentation, variable-resolution batches, or timm's NaFlex loader."""
+    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem,
+                  img_dtype=loop.model_dtype or torch.float32, device=loop.device, distributed=args.distributed,
+                  use_prefetcher=args.prefetcher)
+    train_kwargs = dict(
         batch_size=args.batch_size,
         is_training=True,
         no_aug=args.no_aug,
@@ -526,37 +815,82 @@ def _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixu
         grayscale_prob=args.grayscale_prob,
         gaussian_blur_prob=args.gaussian_blur_prob,
         auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats,
+        num_aug_splits=args.aug_splits,
         interpolation=args.train_interpolation if args.train_interpolation and not args.no_aug
         else data_config['interpolation'],
-        collate_fn=collate_fn,
+        num_workers=args.workers,
         worker_seeding=args.worker_seeding,
-        **common,
     )
-    if args.pad_crop:  # before timm's transform, which then only flips, converts and normalizes (see --pad-crop)
-        loader_train.dataset.transform.transforms.insert(
-            0, transforms.RandomCrop(data_config['input_size'][-2:], padding=args.pad_crop))
+    if args.naflex_loader:
+        patch_kwargs = dict(patch_size=model_patch_size or (16, 16))
+        if args.naflex_patch_sizes:
+            patch_kwargs = dict(patch_size_choices=args.naflex_patch_sizes)
+            if args.naflex_patch_size_probs:
+                patch_kwargs['patch_size_choice_probs'] = args.naflex_patch_size_probs
+        naflex_mixup = None
+        if mixup_active:
+            naflex_mixup = NaFlexMixup(**{k: v for k, v in _mixup_args(args).items()
+                                          if k not in ('mode', 'cutmix_minmax')})
+        loader_train = create_naflex_loader(
+            dataset=dataset_train, train_seq_lens=args.naflex_train_seq_lens, mixup_fn=naflex_mixup,
+            rank=args.rank, world_size=args.world_size,
+            patchify_channels_last=not args.naflex_patchify_channels_first, **patch_kwargs, **common, **train_kwargs)
+    else:
+        collate_fn = None
+        if mixup_active:
+            if args.prefetcher:
+                collate_fn = FastCollateMixup(**_mixup_args(args))
+            else:
+                loop.mixup_fn = Mixup(**_mixup_args(args))
+        if args.aug_splits > 1:
+            dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
+        loader_train = create_loader(
+            dataset_train,
+            input_size=data_config['input_size'],
+            input_size_choices=args.train_img_sizes,
+            batch_size_choices=args.train_batch_sizes,
+            batch_choice_weights=args.train_size_probs,
+            batch_choice_seed=args.seed,
+            batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix,
+            num_batches=args.train_batches_per_epoch,
+            collate_fn=collate_fn,
+            use_multi_epochs_loader=args.use_multi_epochs_loader,
+            **common,
+            **train_kwargs,
+        )
+        if args.pad_crop:  # before timm's transform, which then only flips, converts and normalizes (see --pad-crop)
+            loader_train.dataset.transform.transforms.insert(
+                0, transforms.RandomCrop(data_config['input_size'][-2:], padding=args.pad_crop))
+    loop.batch_size_reference = float(args.batch_size)
+    if args.train_img_sizes:
+        loop.batch_size_reference = loader_train.batch_sampler.average_batch_size
     if len(loader_train) == 0:
         raise _SetupError(f'the training split ({len(dataset_train)} samples over {args.world_size} process(es)) is '
                           f'smaller than one batch of {args.batch_size} per process; lower --batch-size')
     loader_eval = None
     if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval,
-            input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size,
-            is_training=False,
-            interpolation=data_config['interpolation'],
-            crop_pct=data_config['crop_pct'],
-            **common,
-        )
+        eval_kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                           interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                           num_workers=args.workers)
+        if args.naflex_loader:
+            loader_eval = create_naflex_loader(
+                dataset=dataset_eval, patch_size=model_patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
+                patchify_channels_last=not args.naflex_patchify_channels_first, **common, **eval_kwargs)
+        else:
+            loader_eval = create_loader(dataset_eval, input_size=data_config['input_size'], **common, **eval_kwargs)
     return loader_train, loader_eval
 
 
-def _resolve_lr(args):
-    """timm's rule: without --lr, scale --lr-base by the global batch relative to --lr-base-size."""
+def _resolve_lr(args, batch_size_reference: float):
+    """timm's rule: without --lr, scale --lr-base by the global batch (accumulated batches included) relative to
+    --lr-base-size."""
     if args.lr:
         return
-    global_batch = args.batch_size * args.world_size
+    global_batch = batch_size_reference * args.world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     if not args.lr_base_scale:
         args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
@@ -565,7 +899,20 @@ def _resolve_lr(args):
     args.lr = args.lr_base * ratio
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) from base learning rate ({args.lr_base}) and global batch size '
-                     f'({global_batch}) with {args.lr_base_scale} scaling.')
+                     f'({global_batch:g}) with {args.lr_base_scale} scaling.')
+
+
+def _create_criterion(args, mixup_active: bool) -> torch.nn.Module:
+    """timm train.py's training loss: JSD over AugMix splits, soft-target CE / BCE with mixup, label smoothing; or
+    dynamic label smoothing (--smoothing-schedule)."""
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+    if args.smoothing_schedule != 'constant':  # mixup's own smoothing is off then: the schedule smooths the targets
+        return DynamicLabelSmoothingCrossEntropy(
+            args.smoothing, args.smoothing_end, args.smoothing_schedule, epochs=args.epochs)
+    return create_classification_loss(
+        loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=mixup_active,
+        bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -589,6 +936,7 @@ class _Setup:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Optional[object]  # None with --sched none
     num_epochs: int
+    updates_per_epoch: int
     eval_metric: str
     input_size: tuple
     resume_epoch: Optional[int]
@@ -613,8 +961,23 @@ def _format_terms(values: Dict[str, float]) -> str:
     return '  '.join(f'{k}: {v:#.4g}' for k, v in values.items() if k != 'loss')
 
 
-def train_one_epoch(epoch, task, loader, optimizer, lr_scheduler, args, amp_autocast, loss_scaler):
+def updates_per_epoch(num_batches: int, accum_steps: int) -> int:
+    """Optimizer updates in an epoch of ``num_batches`` batches with gradient accumulation (the last may be short)."""
+    return (num_batches + accum_steps - 1) // accum_steps
+
+
+def _batch_size(input) -> int:
+    return input['patches'].shape[0] if isinstance(input, dict) else input.shape[0]
+
+
+def train_one_epoch(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop):
     """One pass over ``loader``; returns the epoch means of every scalar the task reports (over all ranks)."""
+    args = loop.args
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if loop.mixup_fn is not None:
+            loop.mixup_fn.mixup_enabled = False
+        elif getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
     task.get_trainable_module().train()
     meter = LossMeter()
     primary = utils.is_primary(args)
@@ -625,7 +988,7 @@ def train_one_epoch(epoch, task, loader, optimizer, lr_scheduler, args, amp_auto
         bar = tqdm(total=len(loader), desc=f'Train {epoch}', file=sys.stdout, leave=False, dynamic_ncols=True)
         log_context = logging_redirect_tqdm()  # log lines go above the bar instead of through it
     with log_context:
-        _train_steps(epoch, task, loader, optimizer, lr_scheduler, args, amp_autocast, loss_scaler, meter, bar)
+        _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop, meter, bar)
     if bar is not None:
         bar.close()
     if hasattr(optimizer, 'sync_lookahead'):
@@ -633,51 +996,112 @@ def train_one_epoch(epoch, task, loader, optimizer, lr_scheduler, args, amp_auto
     return meter.averages(args.distributed)
 
 
-def _train_steps(epoch, task, loader, optimizer, lr_scheduler, args, amp_autocast, loss_scaler, meter, bar):
+def _loss_scale(args, loop: _Loop, input) -> float:
+    """timm's loss scaling for variable-size batches (NaFlex, --train-img-sizes): 1 for fixed batches."""
+    if not (args.naflex_loader or args.train_img_sizes):
+        return 1.
+    mode = args.naflex_loss_scale if args.naflex_loader else args.variable_batch_loss_scale
+    if mode == 'none':
+        return 1.
+    scale = _batch_size(input) / loop.batch_size_reference
+    return scale ** 0.5 if mode == 'sqrt' else scale
+
+
+def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, meter: LossMeter, bar):
+    """timm's step: forward (the task), loss / accumulation steps, backward, clipping, optimizer step every
+    ``--grad-accum-steps`` batches (DDP syncs gradients only then), EMA update, schedule update."""
+    args = loop.args
     second_order = getattr(optimizer, 'is_second_order', False)
-    num_updates = epoch * len(loader)
+    accum_steps = args.grad_accum_steps
+    num_batches = len(loader)
+    num_updates_epoch = updates_per_epoch(num_batches, accum_steps)
+    num_updates = epoch * num_updates_epoch
+    short_from = num_batches - num_batches % accum_steps  # the batches of a last, shorter accumulation
     update_time = utils.AverageMeter()
     data_time = utils.AverageMeter()
     primary = utils.is_primary(args)
     optimizer.zero_grad()
     end = time.time()
     for step, (input, target) in enumerate(loader):
-        data_time.update(time.time() - end)
-        if args.channels_last:
+        last = step == num_batches - 1
+        need_update = last or (step + 1) % accum_steps == 0
+        update_idx = step // accum_steps
+        micro_steps = num_batches % accum_steps if step >= short_from else accum_steps
+        if not args.prefetcher:
+            input, target = _to_device(input, loop), target.to(loop.device)
+            if loop.mixup_fn is not None:
+                input, target = loop.mixup_fn(input, target)
+        if args.channels_last and not isinstance(input, dict):
             input = input.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            result = task(input, target)
-        loss = result['loss']
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, create_graph=second_order)
-        else:
-            loss.backward(create_graph=second_order)
-            optimizer.step()
-        optimizer.zero_grad()
+        data_time.update(time.time() - end)
+
+        with nullcontext() if need_update else task.no_sync():  # DDP: gradients are reduced at updates only
+            with loop.amp_autocast():
+                result = task(input, target)
+            loss, factor = result['loss'], _loss_scale(args, loop, input) / micro_steps
+            if factor != 1:
+                loss = loss * factor
+            _backward(task, loss, optimizer, loop, need_update, second_order)
+        meter.update(result, _batch_size(input))
+        if bar is not None:
+            bar.update()
+        if not need_update:
+            continue
+
         num_updates += 1
+        optimizer.zero_grad()
         task.update_ema(step=num_updates)
-        meter.update(result, input.shape[0])
+        if args.synchronize_step and loop.device.type == 'cuda':
+            torch.cuda.synchronize()
         update_time.update(time.time() - end)
 
-        last = step == len(loader) - 1
-        if step % args.log_interval == 0 or last:
+        if update_idx % args.log_interval == 0 or last:
             latest, means = meter.latest(args.distributed), meter.averages(args.distributed)
             _check_diverged(means, meter, epoch, task, input)
             if primary:
                 lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
-                samples = input.shape[0] * args.world_size
+                samples = _batch_size(input) * micro_steps * args.world_size
                 _logger.info(
-                    f'Train: {epoch} [{step:>4d}/{len(loader)} ({100. * (step + 1) / len(loader):>3.0f}%)]  '
+                    f'Train: {epoch} [{update_idx:>4d}/{num_updates_epoch} '
+                    f'({100. * (update_idx + 1) / num_updates_epoch:>3.0f}%)]  '
                     f'Loss: {latest["loss"]:#.3g} ({means["loss"]:#.3g})  {_format_terms(means)}  '
                     f'Time: {update_time.val:.3f}s, {samples / update_time.val:>7.2f}/s  '
                     f'LR: {lr:.3e}  Data: {data_time.val:.3f} ({data_time.avg:.3f})')
-        if bar is not None:
-            bar.update()
-            if step % _BAR_REFRESH == 0 or last:
-                bar.set_postfix(OrderedDict((k, f'{v:.4g}') for k, v in meter.averages().items()))
+                if args.save_images and loop.output_dir and not isinstance(input, dict):
+                    torchvision.utils.save_image(
+                        input, os.path.join(loop.output_dir, f'train-batch-{step}.jpg'), padding=0, normalize=True)
+        if bar is not None and (update_idx % _BAR_REFRESH == 0 or last):
+            bar.set_postfix(OrderedDict((k, f'{v:.4g}') for k, v in meter.averages().items()))
+        if loop.saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            loop.saver.save_recovery(epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
         end = time.time()
+
+
+def _to_device(input, loop: _Loop):
+    if isinstance(input, dict):  # NaFlex patches
+        return {k: v.to(loop.device, dtype=loop.model_dtype) if v.is_floating_point() else v.to(loop.device)
+                for k, v in input.items()}
+    return input.to(loop.device, dtype=loop.model_dtype)
+
+
+def _backward(task, loss, optimizer, loop: _Loop, need_update: bool, second_order: bool):
+    """Backward; at an update, clip (``--clip-grad`` / ``--clip-mode``) and step. With a loss scaler, timm's
+    ``NativeScaler`` does all of it (unscaling before clipping)."""
+    args = loop.args
+    clip_parameters = None
+    if args.clip_grad is not None:
+        clip_parameters = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+    if loop.loss_scaler is not None:
+        loop.loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                         parameters=clip_parameters, create_graph=second_order, need_update=need_update)
+        return
+    loss.backward(create_graph=second_order)
+    if need_update:
+        if args.clip_grad is not None:
+            utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
 
 
 class _Diverged(FloatingPointError):
@@ -710,19 +1134,25 @@ def _check_finite_weights(task: TrainingTask, epoch: int):
                     f'{" and others" if len(bad) > 5 else ""}')
 
 
-def validate(model, loader, evaluator, args, amp_autocast, log_suffix: str = '') -> Dict[str, float]:
+def validate(model, loader, evaluator, loop: _Loop, log_suffix: str = '') -> Dict[str, float]:
     """Loss, top-1 and top-5 over the whole split (over all ranks, without the distributed sampler's padding)."""
+    args = loop.args
     model.eval()
     evaluator.reset()
     last_idx = len(loader) - 1
     with torch.inference_mode():
         for step, (input, target) in enumerate(loader):
-            if args.channels_last:
+            if not args.prefetcher:
+                input, target = _to_device(input, loop), target.to(loop.device)
+            if args.channels_last and not isinstance(input, dict):
                 input = input.contiguous(memory_format=torch.channels_last)
-            with amp_autocast():
+            with loop.amp_autocast():
                 output = model(input)
             if isinstance(output, (tuple, list)):
                 output = output[0]
+            if args.tta > 1:  # each image comes args.tta times in a row: average their outputs
+                output = output.unfold(0, args.tta, args.tta).mean(dim=2)
+                target = target[0:target.size(0):args.tta]
             evaluator.update(output, target)
             if utils.is_primary(args) and (step == last_idx or step % args.log_interval == 0):
                 running = evaluator.summary()
@@ -733,6 +1163,11 @@ def validate(model, loader, evaluator, args, amp_autocast, log_suffix: str = '')
 
 def train(args, args_text: str) -> TrainResult:
     """Build everything from parsed arguments and train; see the module docstring."""
+    for module in args.device_modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise SystemExit(f'error: --device-modules: cannot import {module!r}: {e}') from None
     args.prefetcher = not args.no_prefetcher
     device = utils.init_distributed_device(args)
     primary = utils.is_primary(args)
@@ -740,7 +1175,15 @@ def train(args, args_text: str) -> TrainResult:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
     else:
         _logger.info(f'Training with a single process on {args.device}.')
+    if device.type == 'cuda':  # as timm's train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if args.fuser:
+        utils.set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
 
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
         amp_dtype = torch.bfloat16 if device.type == 'cpu' or args.amp_dtype == 'bfloat16' else torch.float16
@@ -749,19 +1192,23 @@ def train(args, args_text: str) -> TrainResult:
             loss_scaler = NativeScaler(device=device.type)
         if primary:
             _logger.info(f'Mixed precision: autocast to {amp_dtype}.')
+    elif primary:
+        _logger.info(f'Training in {model_dtype or torch.float32}.')
+    loop = _Loop(args, device, amp_autocast, loss_scaler, model_dtype)
 
     try:
-        setup = _build(args, device, loss_scaler)
+        setup = _build(args, loop)
     except _SetupError as e:
         if args.distributed:
             torch.distributed.destroy_process_group()
         raise SystemExit(f'error: {e}') from None
-    return _run(args, args_text, setup, amp_autocast, loss_scaler)
+    return _run(args, args_text, setup, loop)
 
 
-def _build(args, device, loss_scaler) -> _Setup:
-    """Model, data, task, optimizer and resume state. Raises ``_SetupError`` on bad input."""
+def _build(args, loop: _Loop) -> _Setup:
+    """Model, data, task, optimizer and resume state, in timm train.py's order. Raises ``_SetupError`` on bad input."""
     primary = utils.is_primary(args)
+    device = loop.device
     if uses_embedded_data(args.data_dir, args.dataset):
         _apply_embedded_defaults(args)
         if primary:
@@ -769,7 +1216,11 @@ def _build(args, device, loss_scaler) -> _Setup:
     # Initialize the weights identically on every rank (timm seeds with seed + rank here and relies on DDP's
     # broadcast, which does not reach an EMA copy made before the DDP wrap).
     utils.random_seed(args.seed, 0)
-    in_chans = args.in_chans if args.in_chans is not None else 3
+    in_chans = 3
+    if args.in_chans is not None:
+        in_chans = args.in_chans
+    elif args.input_size is not None:
+        in_chans = args.input_size[0]
     model = _create_model(args, in_chans)
     if args.num_classes is None:
         args.num_classes = model.num_classes
@@ -777,44 +1228,50 @@ def _build(args, device, loss_scaler) -> _Setup:
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    model.to(device=device)
+    if args.split_bn:
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
+    model.to(device=device, dtype=loop.model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if not args.naflex_loader:
+        _check_input_size(model, data_config['input_size'], device, loop.model_dtype)
     if args.distributed and args.sync_bn:
         args.dist_bn = ''  # SyncBatchNorm keeps the statistics in sync already
         model = convert_sync_batchnorm(model)
+    model_patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    if args.torchscript:
+        model = torch.jit.script(model)
 
-    img_mode = 'RGB' if data_config['input_size'][0] == 3 else 'L'
+    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train = _create_dataset(args, args.train_split, True, img_mode)
     dataset_eval = _create_dataset(args, args.val_split, False, img_mode) if args.val_split else None
 
+    if args.aug_repeats and not args.distributed:
+        raise _SetupError('--aug-repeats needs distributed training (timm\'s RepeatAugSampler splits the repeats '
+                          'across processes); launch with torchrun, or leave it out')
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    loader_train, loader_eval = _create_loaders(args, data_config, dataset_train, dataset_eval, device, mixup_active)
-    _resolve_lr(args)
-
-    if args.smoothing_schedule == 'constant':
-        criterion = create_classification_loss(
-            loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=mixup_active,
-            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
-    else:  # mixup's own smoothing is off then (see _create_loaders): the schedule smooths the mixed targets
-        criterion = DynamicLabelSmoothingCrossEntropy(
-            args.smoothing, args.smoothing_end, args.smoothing_schedule, epochs=args.epochs)
+    loader_train, loader_eval = _create_loaders(
+        args, data_config, dataset_train, dataset_eval, loop, mixup_active, model_patch_size)
+    _resolve_lr(args, loop.batch_size_reference)
+    criterion = _create_criterion(args, mixup_active)
     try:
-        task = build_task(args, model, criterion, device, data_config)
+        task = build_task(args, model, criterion, device, data_config, loop.model_dtype)
     except (ValueError, OSError) as e:  # stages, taps, saliency or a teacher that do not fit the model
         raise _SetupError(f'{args.model}: {e}') from e
     try:
         optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    except (ValueError, AssertionError) as e:
+    except (ValueError, AssertionError, TypeError) as e:
         raise _SetupError(f'--opt {args.opt}: {e}') from e
 
     resume_epoch = None
     try:
         if args.resume:
             resume_epoch = resume_task_checkpoint(
-                task, args.resume, optimizer=optimizer, loss_scaler=loss_scaler, log_info=primary)
+                task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loop.loss_scaler, log_info=primary)
         if args.model_ema:
-            task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+            task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                           device='cpu' if args.model_ema_force_cpu else None)
             if args.resume:
                 load_task_ema_checkpoint(task, args.resume)
     except (RuntimeError, KeyError, ValueError) as e:  # another model, or not a training checkpoint
@@ -825,31 +1282,32 @@ def _build(args, device, loss_scaler) -> _Setup:
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
-    eval_metric = 'top1' if loader_eval is not None else 'loss'
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    num_updates = updates_per_epoch(len(loader_train), args.grad_accum_steps)
     try:  # after the resume, as in timm: the schedule starts from the checkpoint's initial lr
         lr_scheduler, num_epochs = create_scheduler_v2(
             optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
-            updates_per_epoch=len(loader_train))
+            updates_per_epoch=num_updates)
     except (ValueError, AssertionError) as e:
         raise _SetupError(f'--sched {args.sched}: {e}') from e
     eval_model = task.get_eval_model()  # taken before the DDP wrap, as timm does: evaluation needs no DDP
     if args.distributed:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
-    return _Setup(task, eval_model, loader_train, loader_eval, optimizer, lr_scheduler, num_epochs, eval_metric,
-                  data_config['input_size'], resume_epoch, self_distill)
+    return _Setup(task, eval_model, loader_train, loader_eval, optimizer, lr_scheduler, num_epochs, num_updates,
+                  eval_metric, data_config['input_size'], resume_epoch, self_distill)
 
 
-def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResult:
+def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
     """The epoch loop: train, end-of-epoch task hook, BN sync, evaluation, checkpoint, summary row, lr step."""
     task, optimizer, loader_train, loader_eval = setup.task, setup.optimizer, setup.loader_train, setup.loader_eval
     lr_scheduler, eval_metric = setup.lr_scheduler, setup.eval_metric
     primary = utils.is_primary(args)
-    start_epoch = setup.resume_epoch or 0
+    start_epoch = args.start_epoch if args.start_epoch is not None else (setup.resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         # timm's schedulers are functions of the epoch (or update) count: stepping to it restores them
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * len(loader_train))
+            lr_scheduler.step_update(start_epoch * setup.updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
     if primary:
@@ -869,7 +1327,8 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
     saved = False
     try:
         if primary:
-            saver = _open_output(args, args_text, setup, output_dir, start_epoch, loss_scaler)
+            saver = _open_output(args, args_text, setup, output_dir, start_epoch, loop.loss_scaler)
+            loop.saver, loop.output_dir = saver, output_dir
             has_wandb = args.log_wandb and _init_wandb(args, exp_name)
 
         for epoch in range(start_epoch, setup.num_epochs):
@@ -878,8 +1337,7 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
             epoch_aware = task if hasattr(task, 'set_epoch') else getattr(task, 'criterion', None)
             if hasattr(epoch_aware, 'set_epoch'):  # Tf-FD weight schedule, dynamic label smoothing
                 epoch_aware.set_epoch(epoch)
-            train_metrics = train_one_epoch(
-                epoch, task, loader_train, optimizer, lr_scheduler, args, amp_autocast, loss_scaler)
+            train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, lr_scheduler, loop)
             _check_finite_weights(task, epoch)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
@@ -887,8 +1345,15 @@ def _run(args, args_text, setup: _Setup, amp_autocast, loss_scaler) -> TrainResu
                 update = setup.self_distill.step(epoch)
                 if primary:
                     _logger.info(f'Epoch {epoch}: self-distillation {update}')
+            if (epoch + 1) % args.val_interval != 0 and epoch + 1 != setup.num_epochs:
+                if primary:
+                    _logger.info(f'Epoch {epoch}: no validation or checkpoint (--val-interval {args.val_interval}).')
+                if lr_scheduler is not None:
+                    lr_scheduler.step(epoch + 1, None)
+                run.results.append(dict(epoch=epoch, train=train_metrics, validation=None))
+                continue
 
-            eval_metrics = _evaluate(args, setup, evaluator, amp_autocast) if evaluator is not None else None
+            eval_metrics = _evaluate(args, setup, evaluator, loop) if evaluator is not None else None
             if eval_metrics and not all(math.isfinite(v) for v in eval_metrics.values()):
                 values = ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items())
                 raise _Diverged(f'training diverged in epoch {epoch}: non-finite validation metrics ({values})')
@@ -944,15 +1409,15 @@ def _open_output(args, args_text, setup: _Setup, output_dir: str, start_epoch: i
     return saver
 
 
-def _evaluate(args, setup: _Setup, evaluator, amp_autocast) -> Dict[str, float]:
-    """Validate the model and, with --model-ema, the EMA model, whose metrics are then reported (as timm does)."""
-    metrics = validate(setup.eval_model, setup.loader_eval, evaluator, args, amp_autocast)
+def _evaluate(args, setup: _Setup, evaluator, loop: _Loop) -> Dict[str, float]:
+    """Validate the model and, with --model-ema, the EMA model, whose metrics are then reported (as timm does; an EMA
+    kept on the CPU with --model-ema-force-cpu is not validated)."""
+    metrics = validate(setup.eval_model, setup.loader_eval, evaluator, loop)
     task = setup.task
-    if task.has_ema():
+    if task.has_ema() and not args.model_ema_force_cpu:
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
-        metrics = validate(task.get_eval_model(ema=True), setup.loader_eval, evaluator, args, amp_autocast,
-                           log_suffix=' (EMA)')
+        metrics = validate(task.get_eval_model(ema=True), setup.loader_eval, evaluator, loop, log_suffix=' (EMA)')
     return metrics
 
 
@@ -962,7 +1427,8 @@ def _init_wandb(args, exp_name: str) -> bool:
     except ImportError:
         _logger.warning('--log-wandb: the wandb package is not installed (pip install wandb); not logging to wandb.')
         return False
-    wandb.init(project=args.wandb_project, name=exp_name, config=args, tags=args.wandb_tags)
+    wandb.init(project=args.wandb_project, name=exp_name, config=args, tags=args.wandb_tags,
+               resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
     return True
 
 

@@ -84,3 +84,34 @@ def test_teacher_from_checkpoint(tmp_path):
     loaded = task.teacher.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in teacher.state_dict().items())
     assert task.get_eval_model() is student
+
+
+@pytest.mark.parametrize('preact', [False, True])
+def test_tffd_feature_distillation(preact):
+    """timm's feature KD (projected pooled student features against the teacher's) plus Tf-FD: the terms are those of
+    a plain wrapped forward of the same student, the KD term timm's MSE, computed here from the models."""
+    from timm.task import FeatureDistillationTask
+    from timm_tffd import TfFDFeatureDistillationTask, TfFDLoss, wrap
+    student, teacher = _models()
+    reference = timm.create_model('test_resnet', num_classes=5)
+    reference.load_state_dict(student.state_dict())
+    config = TfFDConfig('inter,intra', warmup_epochs=0, preact=preact)
+    task = TfFDFeatureDistillationTask(student, teacher, nn.CrossEntropyLoss(), tffd=config, student_feature_dim=192,
+                                       teacher_feature_dim=192, distill_loss_weight=0.5, verbose=False)
+    assert isinstance(task, FeatureDistillationTask)
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 3])
+    task.train()
+    out = task(x, y)
+    wrapped = wrap(reference, config).train()
+    logits = wrapped(x)
+    expected = TfFDLoss(nn.CrossEntropyLoss(), wrapped).regularization(logits)
+    torch.testing.assert_close(out['output'], logits)
+    for k in ('tffd', 'tffd_inter', 'tffd_intra'):
+        torch.testing.assert_close(out[k], expected[k])
+    with torch.no_grad():
+        t_feat = teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+    s_feat = reference.forward_head(reference.forward_features(x), pre_logits=True)
+    kd = nn.functional.mse_loss(s_feat, t_feat)
+    torch.testing.assert_close(out['kd_loss'], kd, rtol=1e-4, atol=1e-6)
+    out['loss'].backward()
+    assert all(p.grad is not None for p in student.parameters())

@@ -131,28 +131,44 @@ def test_yaml_config(run_train, tmp_path, caplog):
     assert run.task.tffd_loss.config.options['pairs'] == 'adjacent'
     groups = load_checkpoint(os.path.join(run.output_dir, 'last.pth.tar'))['optimizer']['param_groups']
     assert all('betas' in g for g in groups) and sorted({g['weight_decay'] for g in groups}) == [0.0, 0.05]
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-    assert any('clip_grad' in w and 'vflip' in w and 'color_jitter_prob' in w for w in warnings)
-    assert any('apex_amp' in w for w in warnings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING' and 'config' in r.getMessage()]
+    assert len(warnings) == 1 and 'apex_amp' in warnings[0] and 'vflip' not in warnings[0], warnings
     # the run's own args.yaml reproduces it
     import train_timm_tffd
     _, again = train_timm_tffd.parse_args(['-c', os.path.join(run.output_dir, 'args.yaml')])
     assert yaml.safe_load(again) == saved
 
 
-@pytest.mark.parametrize('line, name', [
-    ('clip_grad: 1.0', 'clip_grad'),  # unsupported, not at timm's default
-    ('vflip: 0.5', 'vflip'),
-    ('no_such_setting: 3', 'no_such_setting'),  # unknown and not off
+@pytest.mark.parametrize('line, message', [
+    ('no_such_setting: 3', 'no_such_setting=3 is not an argument'),  # unknown and not off
+    ('lr: true', 'lr: True is not a valid value'),  # would be lr 1.0 if set as a default
+    ('epochs: 2.5', "argument --epochs: invalid int value: '2.5'"),
+    ('lr: [0.1]', 'lr: expected one value'),
+    ('dataset: null', 'dataset: null is not allowed'),
+    ('tffd_stages: [one]', "argument --tffd-stages: invalid int value: 'one'"),
+    ('clip_mode: clip', "argument --clip-mode: invalid choice: 'clip'"),
+    ('amp: 1', 'amp: expected true or false'),
+    ('model_kwargs: [1, 2]', 'model_kwargs: expected a mapping'),
 ])
-def test_yaml_config_rejects(tmp_path, capsys, line, name):
+def test_yaml_config_goes_through_the_command_line_checks(tmp_path, capsys, line, message):
     import train_timm_tffd
     config = tmp_path / 'bad.yaml'
     config.write_text(f'model: test_resnet\n{line}\n')
     with pytest.raises(SystemExit) as e:
         train_timm_tffd.parse_args(['-c', str(config)])
-    assert e.value.code != 0
-    assert name in capsys.readouterr().err
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f'config {config}' in err and message in err, err
+
+
+def test_command_line_overrides_config_values(tmp_path):
+    import train_timm_tffd
+    config = tmp_path / 'c.yaml'
+    config.write_text(f'lr: 0.5\nscale: [0.5, 1.0]\nmodel_kwargs: {{img_size: 32, global_pool: avg}}\namp: true\n'
+                      f'data: {tmp_path}\n')
+    args, _ = train_timm_tffd.parse_args(['-c', str(config), '--lr', '0.25', '--epochs', '3'])
+    assert (args.lr, args.epochs, args.scale, args.amp, args.data) == (0.25, 3, [0.5, 1.0], True, str(tmp_path))
+    assert args.model_kwargs == {'img_size': 32, 'global_pool': 'avg'}
 
 
 class _Terminal:
@@ -393,7 +409,16 @@ def test_ddp_two_ranks_match_one_process(run_train, tmp_path):
     (['--tffd', 'inter', '--tffd-saliency', 'l1'], '--tffd-saliency needs intra in --tffd'),
     (['--tffd-intra-weight', '0.1'], '--tffd-intra-weight: Tf-FD options, which need --tffd'),
     (['--tffd', 'inter', '--tffd-early-decay', '5', '2'], 'decay must be (start, end) epochs with 0 <= start < end'),
-    (['--clip-grad', '1.0'], "--clip-grad is an argument of timm's train.py that this script does not support"),
+    (['-j', '-1'], '--workers must be >= 0, got -1'),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps must be >= 1, got 0'),
+    (['--aug-splits', '1'], '--aug-splits must be 0 (off) or >= 2'),
+    (['--jsd-loss'], '--jsd-loss needs --aug-splits 2 or more'),
+    (['--tffd', 'inter', '--torchscript'], '--torchscript cannot keep the Tf-FD / SFD feature taps'),
+    (['--model-kwargs', 'img_size'], "argument --model-kwargs: expected KEY=VALUE, got 'img_size'"),
+    (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model'),
+    (['--model', 'vit_tiny_patch16_224', '--img-size', '32'],
+     'cannot take inputs of size (1, 32, 32)'),
+    (['--model', 'vit_tiny_patch16_224'], 'add --model-kwargs img_size=32'),
     (['--sync-bn'], "--sync-bn cannot be used with --device cpu"),
     (['--resume', 'missing.pth.tar'], "--resume: no checkpoint file at 'missing.pth.tar'"),
     # found while building the run, after the model or data exist
@@ -520,11 +545,13 @@ def test_timm_defaults():
     args, _ = train_timm_tffd.parse_args([])
     # a few of timm train.py's documented defaults, stated here independently of the table
     assert (args.model, args.batch_size, args.opt, args.lr, args.lr_base, args.weight_decay, args.sched, args.epochs,
-            args.warmup_epochs, args.smoothing, args.model_ema_decay, args.workers, args.seed) == (
-        'resnet50', 128, 'sgd', None, 0.1, 2e-5, 'cosine', 300, 5, 0.1, 0.9998, 4, 42)
-    # every train.py argument, supported or not, keeps timm's default; only the device is picked at run time
+            args.warmup_epochs, args.smoothing, args.model_ema_decay, args.seed) == (
+        'resnet50', 128, 'sgd', None, 0.1, 2e-5, 'cosine', 300, 5, 0.1, 0.9998, 42)
+    # every train.py argument keeps timm's default, but the device (picked at run time) and the data-loading
+    # processes (timm's 4, capped at the CPUs this process may use)
+    assert args.workers == min(4, len(os.sched_getaffinity(0)))
     differ = [k for k, (_, default) in TIMM_TRAIN_ARGS.items() if getattr(args, k) != default]
-    assert differ == ['device']
+    assert set(differ) <= {'device', 'workers'}
 
 
 def test_loss_meter_means_and_first_non_finite_step():

@@ -8,7 +8,7 @@ from .data.subset import SampledSubset
 from .features import FeatureTaps, resolve_stages
 from .hub import push_to_hub
 from .integrators import AttentionIntegration, LayerwiseIntegration, ReceptiveFieldIntegration, create_integrator
-from .kd import TfFDLogitDistillationTask
+from .kd import TfFDFeatureDistillationTask, TfFDLogitDistillationTask, TfFDTokenDistillationTask
 from .loss_meter import LossMeter
 from .losses import SALIENCY, get_saliency, inter_layer_loss, inter_layer_pairs, intra_layer_loss
 from .losses.emd import emd_l2, emd_layer_loss, sinkhorn_plan
@@ -22,4 +22,5 @@ from .sfd import SFDTask, SFDTrainableModule
 from .task import TfFDTask, TfFDTaskMixin
 from .teacher import SFDTeacher, create_teacher, load_teacher_checkpoint
 from .version import __version__
-from .wrap import diagnose_nonfinite, get_tffd_state, is_wrapped, nonfinite_stages, tapped_features, unwrap, wrap
+from .wrap import (
+    diagnose_nonfinite, get_tffd_state, is_wrapped, nonfinite_stages, record_forward, tapped_features, unwrap, wrap)

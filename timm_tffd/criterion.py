@@ -62,7 +62,10 @@ class TfFDLoss(nn.Module):
         """The Tf-FD part of the loss for the forward that produced ``output``: ``tffd`` (the weighted sum) and the
         unweighted term of every method (``tffd_<name>``). Takes that forward's terms; call it once per forward."""
         stash = self.state.take()
-        if stash is None or stash.output is not output:
+        produced = stash.output if stash is not None else None
+        if isinstance(produced, (tuple, list)):  # (main, distillation) logits of a distillation-token model
+            produced = produced[0]
+        if stash is None or produced is not output:
             raise RuntimeError(
                 'TfFDLoss needs the output of a fresh training-mode forward of the wrapped model: call model(x) in '
                 'train() mode, then the criterion once on that output (Tf-FD terms are never reused)')

@@ -185,24 +185,35 @@ class FeatureTaps:
             x: The input batch.
         """
         if self.mode == 'intermediates':
-            if self.token_grid:
-                final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
-                h, w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-                feats = [f.unflatten(1, (h, w)).permute(0, 3, 1, 2) for f in feats]  # NCHW views of the tokens
-            else:
-                final, feats = model.forward_intermediates(x, indices=self.indices)
-            return model.forward_head(final), list(feats)
+            final, feats = self.forward_features(model, x)
+            return model.forward_head(final), feats
+        return self._run_hooked(type(model).forward, model, x)
+
+    def forward_features(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run ``model`` up to its head; return ``(final, features)``: ``final`` is what ``model.forward_features``
+        gives (for tasks that apply the head themselves, such as timm's feature distillation)."""
+        if self.mode != 'intermediates':
+            return self._run_hooked(type(model).forward_features, model, x)
+        if self.token_grid:
+            final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
+            h, w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+            feats = [f.unflatten(1, (h, w)).permute(0, 3, 1, 2) for f in feats]  # NCHW views of the tokens
+        else:
+            final, feats = model.forward_intermediates(x, indices=self.indices)
+        return final, list(feats)
+
+    def _run_hooked(self, fn, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._buffer.clear()
         self._active = True
         try:
-            logits = type(model).forward(model, x)
+            out = fn(model, x)
         finally:
             self._active = False
         missing = [self.modules[i] for i in range(len(self.modules)) if i not in self._buffer]
         if missing:
             raise RuntimeError(f'feature modules {missing} did not run in the forward pass')
         feats = [self._buffer.pop(i) for i in range(len(self.modules))]
-        return logits, feats
+        return out, feats
 
     def remove(self):
         """Remove the hooks from the model."""

@@ -1,4 +1,5 @@
-"""Tf-FD together with logit knowledge distillation from a teacher (the TFD + KD setting of TFD, Li et al., IJCNN 2022).
+"""Tf-FD together with timm's knowledge distillation from a teacher: logit KD (the TFD + KD setting of TFD, Li et al.,
+IJCNN 2022), feature KD and token KD.
 
 ``TfFDLogitDistillationTask`` is timm's ``LogitDistillationTask`` with a Tf-FD-wrapped student: timm's code creates
 the teacher (``DistillationTeacher``: from a name, a module or a checkpoint), converts the input normalization, and
@@ -9,21 +10,41 @@ computes the distillation term and its weighting. This module only adds the Tf-F
          + w(epoch) * sum_m lambda_m * tffd_m
 
 The Tf-FD terms are added outside timm's two weights, so ``task_loss_weight`` scales the classification loss alone
-(as in a Tf-FD run without a teacher) and not the teacher-free regularizers.
+(as in a Tf-FD run without a teacher) and not the teacher-free regularizers. Feature and token KD the same way, with
+timm's distillation term in place of the KL term. timm's feature distillation runs the student up to its head and
+applies the head itself; its Tf-FD variant taps the stages in that same pass (``FeatureTaps.forward_features``).
 """
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.task import DistillationTeacher, LogitDistillationTask
+from timm.task import DistillationTeacher, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+from timm.task.distillation import FeatureDistillationTrainableModule
 
 from .criterion import TfFDLoss
 from .task import TfFDSetting, TfFDTaskMixin, wrap_student
+from .wrap import get_tffd_state, record_forward
 
-__all__ = ['TfFDLogitDistillationTask']
+__all__ = ['TfFDLogitDistillationTask', 'TfFDFeatureDistillationTask', 'TfFDTokenDistillationTask']
 
 
-class TfFDLogitDistillationTask(TfFDTaskMixin, LogitDistillationTask):
+class _TfFDDistillation(TfFDTaskMixin):
+    """Adds the Tf-FD terms of the student's forward to a timm distillation task's result."""
+
+    def _add_tffd(self, student_model: nn.Module, check_finite: bool, verbose: bool):
+        self.tffd_loss = TfFDLoss(self.criterion, student_model, check_finite)
+        if verbose:
+            self._log_tffd(type(self).__name__)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        result = super().forward(input, target)  # student, teacher, task loss and distillation term, timm-weighted
+        tffd = self.tffd_loss.regularization(result['output'])
+        result['loss'] = result['loss'] + tffd['tffd']
+        result.update(tffd)
+        return result
+
+
+class TfFDLogitDistillationTask(_TfFDDistillation, LogitDistillationTask):
     """Logit distillation from a teacher plus Teacher-free Feature Distillation on the student.
 
     The returned dict has timm's ``loss``, ``output``, ``task_loss`` (the base classification loss) and ``kd_loss``
@@ -75,13 +96,44 @@ class TfFDLogitDistillationTask(TfFDTaskMixin, LogitDistillationTask):
             dtype=dtype,
             verbose=verbose,
         )
-        self.tffd_loss = TfFDLoss(self.criterion, student_model, check_finite)
-        if verbose:
-            self._log_tffd('TfFDLogitDistillationTask')
+        self._add_tffd(student_model, check_finite, verbose)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        result = super().forward(input, target)  # student, teacher, task loss and distillation term, timm-weighted
-        tffd = self.tffd_loss.regularization(result['output'])
-        result['loss'] = result['loss'] + tffd['tffd']
-        result.update(tffd)
-        return result
+
+class TfFDFeatureDistillationTrainableModule(FeatureDistillationTrainableModule):
+    """timm's feature-distillation student module, tapping the Tf-FD stages in the same forward (training mode)."""
+
+    def forward(self, input: torch.Tensor):
+        if not self.training:
+            return super().forward(input)
+        final, feats = get_tffd_state(self.student).taps.forward_features(self.student, input)
+        logits = self.student.forward_head(final)
+        features = self.student.forward_head(final, pre_logits=True)
+        if self.projection is not None:
+            features = self.projection(features)
+        record_forward(self.student, logits, feats)
+        return logits, features
+
+
+class TfFDFeatureDistillationTask(_TfFDDistillation, FeatureDistillationTask):
+    """timm's ``FeatureDistillationTask`` (MSE between the student's projected and the teacher's pooled features)
+    plus Tf-FD on the student. Arguments as ``FeatureDistillationTask``, plus ``tffd`` and ``check_finite`` (see
+    ``TfFDLogitDistillationTask``)."""
+
+    def __init__(self, student_model: nn.Module, teacher_model, criterion: Optional[nn.Module] = None,
+                 tffd: TfFDSetting = None, check_finite: bool = False, verbose: bool = True, **kwargs):
+        student_model = wrap_student(student_model, tffd)
+        super().__init__(student_model, teacher_model, criterion=criterion, verbose=verbose, **kwargs)
+        self.trainable_module = TfFDFeatureDistillationTrainableModule(
+            self.trainable_module.student, self.trainable_module.projection)
+        self._add_tffd(student_model, check_finite, verbose)
+
+
+class TfFDTokenDistillationTask(_TfFDDistillation, TokenDistillationTask):
+    """timm's ``TokenDistillationTask`` (a distillation-token student, e.g. DeiT distilled) plus Tf-FD on the student.
+    Arguments as ``TokenDistillationTask``, plus ``tffd`` and ``check_finite``."""
+
+    def __init__(self, student_model: nn.Module, teacher_model, criterion: Optional[nn.Module] = None,
+                 tffd: TfFDSetting = None, check_finite: bool = False, verbose: bool = True, **kwargs):
+        student_model = wrap_student(student_model, tffd)
+        super().__init__(student_model, teacher_model, criterion=criterion, verbose=verbose, **kwargs)
+        self._add_tffd(student_model, check_finite, verbose)

@@ -1,27 +1,21 @@
-"""Compatibility with timm's ``train.py``: its arguments and defaults, and the rules that keep a timm command line or
-``args.yaml`` from being misread by a script that supports only some of them.
+"""Compatibility with timm's ``train.py``: its arguments and defaults, and ``-c`` configs checked like a command line.
 
 ``TIMM_TRAIN_ARGS`` lists every argument of timm's ``train.py`` (huggingface/pytorch-image-models, commit aa4b585,
-version 1.0.29.dev0; the script is not part of the pip package) as ``dest: (option strings, default)``. A training
-script declares the arguments it supports with ``add_timm_argument`` (same option strings and default as timm) and
-registers the rest with ``add_unsupported_arguments``:
+version 1.0.29.dev0; the script is not part of the pip package) as ``dest: (option strings, default)``: the facts a
+compatible script is checked against. A training script declares timm's arguments with ``ArgumentTable.timm`` (timm's
+option strings and default, the script's type and help) and its own with ``ArgumentTable.own``.
 
-* a command line that uses an unsupported argument is an error naming it;
-* the unsupported arguments keep timm's defaults in the parsed namespace, so timm's factories that read them
-  (``scheduler_kwargs``, ``optimizer_kwargs``, ``resolve_data_config``) behave exactly as under ``train.py``, and the
-  script's ``args.yaml`` has the same keys as timm's;
-* ``load_config`` reads a YAML config (``-c``): supported keys become defaults; an unsupported key whose value equals
-  timm's default is ignored (one warning lists them all); one with any other value is an error; a key that is in
-  neither list (another timm version, or a typo) is ignored with a warning when its value is off (None, False, 0,
-  empty) and is an error otherwise.
+A YAML config (``-c``, for example an ``args.yaml`` written by timm's ``train.py`` or by this script) is turned into
+command-line tokens by ``config_argv`` and parsed before the command line: the same type and choice checks apply to
+both, and the command line overrides the config, as in timm.
 """
 import argparse
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import yaml
 
-__all__ = ['TIMM_TRAIN_ARGS', 'add_timm_argument', 'add_unsupported_arguments', 'load_config']
+__all__ = ['TIMM_TRAIN_ARGS', 'ArgumentTable', 'config_argv', 'load_config']
 
 _logger = logging.getLogger(__name__)
 
@@ -202,89 +196,116 @@ TIMM_TRAIN_ARGS: Dict[str, Tuple[Tuple[str, ...], Any]] = {
 }
 
 
-class _Unsupported(argparse.Action):
-    """A timm ``train.py`` argument that the script does not support: using it on the command line is an error."""
+class ArgumentTable:
+    """Declares a script's arguments and keeps each one's ``argparse.Action`` by ``dest``, which ``config_argv`` needs
+    to put a ``-c`` config through the same checks as the command line."""
 
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs='*', **kwargs)
+    def __init__(self):
+        self.actions: Dict[str, argparse.Action] = {}
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f'{option_string} is an argument of timm\'s train.py that this script does not support (it stays '
-                     f'at timm\'s default {self.default!r}); see the README for the supported arguments')
+    def timm(self, group, dest: str, *aliases: str, **kwargs) -> argparse.Action:
+        """Add timm ``train.py``'s argument ``dest`` with timm's option strings and default.
 
+        Args:
+            group: The parser or argument group.
+            dest: The argument's name in timm's namespace, e.g. ``'batch_size'``.
+            *aliases: Extra option strings of this script (e.g. ``'--teacher'`` for ``--kd-model-name``).
+            **kwargs: ``add_argument`` keywords (type, help, action, ...); ``default`` overrides timm's.
+        """
+        options, default = TIMM_TRAIN_ARGS[dest]
+        kwargs.setdefault('default', default)
+        if options:
+            action = group.add_argument(*aliases, *options, dest=dest, **kwargs)
+        else:  # the positional data dir
+            action = group.add_argument(dest, **kwargs)
+        self.actions[dest] = action
+        return action
 
-def add_timm_argument(group, dest: str, *aliases: str, **kwargs) -> argparse.Action:
-    """Add timm ``train.py``'s argument ``dest`` with timm's option strings and default.
-
-    Args:
-        group: The parser or argument group.
-        dest: The argument's name in timm's namespace, e.g. ``'batch_size'``.
-        *aliases: Extra option strings of this script (e.g. ``'--teacher'`` for ``--kd-model-name``).
-        **kwargs: ``add_argument`` keywords (type, help, action, ...); ``default`` overrides timm's.
-    """
-    options, default = TIMM_TRAIN_ARGS[dest]
-    kwargs.setdefault('default', default)
-    if not options:  # the positional data dir
-        return group.add_argument(dest, **kwargs)
-    return group.add_argument(*aliases, *options, dest=dest, **kwargs)
-
-
-def add_unsupported_arguments(parser: argparse.ArgumentParser) -> List[str]:
-    """Register every timm ``train.py`` argument that ``parser`` does not define yet; returns their ``dest`` names,
-    which ``load_config`` needs."""
-    defined = set(vars(parser.parse_args([])))
-    added = []
-    for dest, (options, default) in TIMM_TRAIN_ARGS.items():
-        if dest not in defined:
-            parser.add_argument(*options, dest=dest, default=default, action=_Unsupported, help=argparse.SUPPRESS)
-            added.append(dest)
-    return added
+    def own(self, group, *flags: str, **kwargs) -> argparse.Action:
+        """Add an argument of this script (not one of timm's)."""
+        action = group.add_argument(*flags, **kwargs)
+        if action.dest in TIMM_TRAIN_ARGS:
+            raise ValueError(f'{flags} reuses the name of timm train.py\'s argument {action.dest!r}')
+        self.actions[action.dest] = action
+        return action
 
 
 def _is_off(value) -> bool:
     return value is None or value is False or (not isinstance(value, bool) and value in (0, '', [], {}))
 
 
-def load_config(path: str, parser: argparse.ArgumentParser, unsupported: Sequence[str]) -> Dict[str, Any]:
-    """Read a YAML config and return the parser defaults it sets, applying the rules in the module docstring.
+def _tokens(key: str, value, action: argparse.Action) -> List[str]:
+    """The command-line tokens that set ``action`` to ``value`` (read from YAML); argparse then applies its type and
+    choice checks to them exactly as to a command line."""
+    flag = next((o for o in action.option_strings if o.startswith('--')), action.option_strings[0])
+    if action.nargs == 0:  # store_true and the like
+        if not isinstance(value, bool):
+            raise ValueError(f'{key}: expected true or false, got {value!r}')
+        if value != action.const:
+            raise ValueError(f'{key}: {value!r} cannot be set (the flag {flag} only sets {action.const!r})')
+        return [flag]
+    if value is None:
+        raise ValueError(f'{key}: null is not allowed (the default is {action.default!r}; leave the key out for it)')
+    if isinstance(action.default, dict) or isinstance(value, dict):  # KEY=VALUE arguments (--model-kwargs)
+        if not (isinstance(action.default, dict) and isinstance(value, dict)):
+            raise ValueError(f'{key}: expected {"a mapping" if isinstance(action.default, dict) else "a value"}, '
+                             f'got {value!r}')
+        return [flag] + [f'{k}={v!r}' for k, v in value.items()]
+    values = value if isinstance(value, list) else [value]
+    if action.nargs in (None, '?') and isinstance(value, list):
+        raise ValueError(f'{key}: expected one value, got the list {value!r}')
+    for v in values:
+        if isinstance(v, bool) or isinstance(v, (list, dict)) or v is None:
+            raise ValueError(f'{key}: {v!r} is not a valid value')
+    return [flag] + [str(v) for v in values]
 
-    Args:
-        path: A YAML mapping of argument names (``dest``) to values, such as an ``args.yaml`` written by timm's
-            ``train.py`` or by this script.
-        parser: The script's parser, with ``add_unsupported_arguments`` already applied.
-        unsupported: What ``add_unsupported_arguments`` returned.
+
+def config_argv(cfg: Dict[str, Any], actions: Dict[str, argparse.Action], path: str) -> Tuple[List[str], Dict[str, Any]]:
+    """Turn a YAML config (``-c``) into command-line tokens, so it goes through argparse's type and choice checks.
+
+    Keys equal to the argument's default are left out. A key that is not an argument of the script (another timm
+    version's setting, or a typo) is ignored with a warning when its value is off (None, False, 0, empty) and is an
+    error otherwise. Returns ``(tokens, positional)``: the tokens to parse before the command line (which thus
+    overrides the config, as in timm) and the positional arguments' values, to set as defaults.
 
     Raises:
-        ValueError: Naming every key that sets an unsupported or unknown argument.
+        ValueError: Naming every key that has no valid command-line form.
     """
+    tokens, positional, unknown_off, errors = [], {}, [], []
+    for key, value in cfg.items():
+        action = actions.get(key)
+        if action is None:
+            if _is_off(value):
+                unknown_off.append(key)
+            else:
+                errors.append(f'{key}={value!r} is not an argument of this script nor of timm\'s train.py')
+            continue
+        if value == action.default and type(value) is type(action.default):
+            continue
+        if not action.option_strings:
+            if value is not None and not isinstance(value, str):
+                errors.append(f'{key}: expected a path, got {value!r}')
+            positional[key] = value
+            continue
+        try:
+            tokens += _tokens(key, value, action)
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError(f'config {path}: ' + '; '.join(errors))
+    if unknown_off:
+        _logger.warning(f'config {path}: ignoring keys that are not arguments of this script nor of timm\'s train.py '
+                        f'(all are off): {", ".join(unknown_off)}')
+    return tokens, positional
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read a YAML mapping of argument names (``dest``) to values, such as an ``args.yaml`` of timm's ``train.py`` or
+    of this script."""
     with open(path) as f:
         cfg = yaml.safe_load(f)
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
         raise ValueError(f'config {path} must be a YAML mapping of argument names to values')
-    known = set(vars(parser.parse_args([])))
-    defaults, at_default, unknown_off, errors = {}, [], [], []
-    for key, value in cfg.items():
-        if key not in known:
-            if _is_off(value):
-                unknown_off.append(key)
-            else:
-                errors.append(f'{key}={value!r} is not an argument of this script nor of timm\'s train.py')
-        elif key in unsupported:
-            default = parser.get_default(key)
-            if value == default:
-                at_default.append(key)
-            else:
-                errors.append(f'{key}={value!r} sets a timm train.py argument that this script does not support '
-                              f'(only timm\'s default {default!r} is accepted)')
-        else:
-            defaults[key] = value
-    if errors:
-        raise ValueError(f'config {path}: ' + '; '.join(errors))
-    if at_default:
-        _logger.warning(f'config {path}: ignoring {len(at_default)} timm train.py settings that this script does not '
-                        f'support; all are at timm\'s defaults: {", ".join(at_default)}')
-    if unknown_off:
-        _logger.warning(f'config {path}: ignoring unknown keys whose values are off: {", ".join(unknown_off)}')
-    return defaults
+    return cfg

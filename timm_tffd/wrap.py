@@ -19,8 +19,8 @@ from .features import FeatureTaps
 from .config import TfFDConfig
 from .methods import MethodContext, get_method
 
-__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'tapped_features', 'nonfinite_stages',
-           'diagnose_nonfinite', 'TfFDState', 'TfFDStash']
+__all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'record_forward', 'tapped_features',
+           'nonfinite_stages', 'diagnose_nonfinite', 'TfFDState', 'TfFDStash']
 
 _ATTR = '_tffd_state'
 
@@ -68,9 +68,19 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training:
         return type(self).forward(self, x)
     logits, feats = state.taps.forward(self, x)
-    terms = {name: fn(feats) for name, fn in state.methods.items()}
-    state.stash = TfFDStash(logits, terms, feats)
+    record_forward(self, logits, feats)
     return logits
+
+
+def record_forward(model: nn.Module, output, features: List[torch.Tensor]):
+    """Compute the Tf-FD terms of a training forward and leave them, with its ``output``, for ``TfFDLoss``.
+
+    The wrapped ``forward`` calls it; so does a task that runs the model its own way (timm's feature distillation
+    applies the head itself) with the maps of ``get_tffd_state(model).taps.forward_features``.
+    """
+    state = get_tffd_state(model)
+    terms = {name: fn(features) for name, fn in state.methods.items()}
+    state.stash = TfFDStash(output, terms, list(features))
 
 
 def wrap(
