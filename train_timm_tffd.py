@@ -5,19 +5,23 @@
     torchrun --nproc_per_node 8 train_timm_tffd.py /data/imagenet --model resnet50 --tffd inter,intra --amp
     python train_timm_tffd.py --model resnet18 --tffd inter,intra    # no data dir: the embedded Fashion-MNIST subset
 
-Without ``--tffd`` it is plain timm training (``timm.task.ClassificationTask``). It supports a subset of train.py's
-arguments, with train.py's names and defaults; the others are rejected by name on the command line and checked in a
-``-c`` config (see ``timm_tffd.train_compat``). The output folder has train.py's layout: ``args.yaml``,
-``summary.csv`` (plus one ``train_<name>`` column per loss term the task reports), ``last.pth.tar``,
-``checkpoint-<epoch>.pth.tar`` and ``model_best.pth.tar``, all written atomically.
+Without ``--tffd`` it is plain timm training (``timm.task.ClassificationTask``). It takes every argument of timm's
+train.py, with train.py's names and defaults (``timm_tffd.train_compat.TIMM_TRAIN_ARGS``; the few that behave
+differently are listed in docs/training.md); a ``-c`` YAML config goes through the same checks as the command line.
+The output folder has train.py's layout: ``args.yaml``, ``summary.csv`` (plus one ``train_<name>`` column per loss term
+the task reports), ``last.pth.tar``, ``checkpoint-<epoch>.pth.tar`` and ``model_best.pth.tar``, all written
+atomically.
 """
 import argparse
 import importlib
 import logging
 import math
 import os
+import pickle
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -49,7 +53,7 @@ from timm_tffd.kd import TfFDFeatureDistillationTask, TfFDLogitDistillationTask,
 from timm_tffd.losses.smoothing import SCHEDULES, DynamicLabelSmoothingCrossEntropy
 from timm_tffd.self_distill import SELF_DISTILL_MODES, SelfDistill, parse_tau
 from timm_tffd.teacher import create_teacher
-from timm_tffd.checkpoint import AtomicCheckpointSaver, atomic_write_text
+from timm_tffd.checkpoint import AtomicCheckpointSaver, append_summary, atomic_write_text, trim_summary_atomic
 from timm_tffd.data.embedded import EMBEDDED_DATA_CONFIG, EmbeddedFashionMNIST, uses_embedded_data
 from timm_tffd.data.subset import SampledSubset
 from timm_tffd.loss_meter import LossMeter
@@ -120,8 +124,8 @@ def _add_teacher_arguments(parser: argparse.ArgumentParser, table: ArgumentTable
     add, own = table.timm, table.own
     group = parser.add_argument_group('Distillation from a teacher: timm\'s logit / feature / token KD, and SFD')
     add(group, 'kd_model_name', '--teacher', type=str, metavar='NAME',
-        help='teacher model: a timm name (with --teacher-checkpoint, or timm\'s pretrained weights), hf-hub:org/name or '
-             'local-dir:PATH. Alone: logit KD; with --sfd: SFD')
+        help='teacher model: a timm name (with --teacher-checkpoint, or timm\'s pretrained weights), hf-hub:org/name '
+             'or local-dir:PATH. Alone: logit KD; with --sfd: SFD')
     own(group, '--teacher-checkpoint', type=str, default=None, metavar='PATH',
         help='teacher weights: a .safetensors file, a training checkpoint (read with weights_only=True) or '
              'hf-hub:org/name (not a timm argument)')
@@ -181,8 +185,8 @@ def _build_parsers():
     ``ArgumentTable`` that knows each argument's action."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='', metavar='FILE',
-                               help='YAML config (e.g. an args.yaml of timm\'s train.py or of this script); the command '
-                                    'line overrides it')
+                               help='YAML config (e.g. an args.yaml of timm\'s train.py or of this script); the '
+                                    'command line overrides it')
     parser = _Parser(
         description='Train a timm model with Teacher-free Feature Distillation. Takes every argument of timm\'s '
                     'train.py, with its names and defaults, plus the Tf-FD, teacher and self-distillation arguments.',
@@ -316,7 +320,8 @@ def _build_parsers():
     add(group, 'no_aug', action='store_true', help='no training augmentation (resize and center crop only)')
     add(group, 'train_crop_mode', type=str, metavar='MODE', help='training crop mode (default: random resized crop)')
     add(group, 'scale', type=float, nargs='+', metavar='PCT', help='random-resized-crop area range (default: 0.08 1)')
-    add(group, 'ratio', type=float, nargs='+', metavar='RATIO', help='random-resized-crop aspect range (default: 3/4 4/3)')
+    add(group, 'ratio', type=float, nargs='+', metavar='RATIO',
+        help='random-resized-crop aspect range (default: 3/4 4/3)')
     add(group, 'hflip', type=float, help='horizontal flip probability (default: 0.5)')
     add(group, 'vflip', type=float, help='vertical flip probability (default: 0)')
     add(group, 'color_jitter', type=float, metavar='PCT', help='color jitter factor (default: 0.4)')
@@ -688,6 +693,17 @@ class _SetupError(Exception):
     """Bad input found while building the run: reported as one line, before any output is written."""
 
 
+def _load_failure(what: str, e: Exception) -> str:
+    """One line for a file that could not be loaded: what, the error, and what an unpickling error means here."""
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+    message = f'{what}: {type(e).__name__}{": " + text if text else ""}'
+    if isinstance(e, (pickle.UnpicklingError, EOFError, IndexError)) or 'central directory' in text or \
+            'deserializing header' in text:
+        message += (' (an empty, truncated or corrupt file, or one that pickles objects other than tensors: weights '
+                    'are only read with weights_only=True or from safetensors)')
+    return message
+
+
 def _apply_embedded_defaults(args):
     for key, value in EMBEDDED_DATA_CONFIG.items():
         if getattr(args, key) is None:
@@ -725,6 +741,41 @@ def _create_dataset(args, split: str, is_training: bool, img_mode: str):
     return dataset
 
 
+def _dataset_attr(dataset, name: str):
+    """An attribute of a dataset, of its timm reader, or of the dataset a subset wraps."""
+    for obj in (dataset, getattr(dataset, 'reader', None), getattr(dataset, 'dataset', None)):
+        if obj is not None and getattr(obj, name, None) is not None:
+            return getattr(obj, name)
+    return None
+
+
+def _num_dataset_classes(dataset) -> Optional[int]:
+    for name in ('class_to_idx', 'classes'):
+        value = _dataset_attr(dataset, name)
+        if value is not None and not callable(value):
+            return len(value)
+    inner = getattr(dataset, 'dataset', None)
+    return _num_dataset_classes(inner) if inner is not None else None
+
+
+def _check_datasets(args, dataset_train, dataset_eval):
+    """A class count below the dataset's is refused before training; a validation split that timm resolved to a
+    folder holding the training images (no such split folder) is named in a warning."""
+    found = _num_dataset_classes(dataset_train)
+    if found is not None and args.num_classes is not None and args.num_classes < found:
+        raise _SetupError(f'the training split has {found} classes but the model has {args.num_classes} outputs '
+                          f'(--num-classes {args.num_classes}); give --num-classes {found} or more')
+    if dataset_eval is None:
+        return
+    train_root, eval_root = _dataset_attr(dataset_train, 'root'), _dataset_attr(dataset_eval, 'root')
+    if isinstance(train_root, str) and isinstance(eval_root, str) and os.path.isdir(eval_root):
+        train_root, eval_root = os.path.abspath(train_root), os.path.abspath(eval_root)
+        if os.path.commonpath([train_root, eval_root]) == eval_root:
+            _logger.warning(f'No {args.val_split!r} split under {args.data_dir!r}: timm reads {eval_root!r}, which '
+                            f'holds the training images, so the validation metrics are on training data. Give '
+                            f'--val-split with the right folder, or --val-split "" for no validation.')
+
+
 def _create_model(args, in_chans: int) -> torch.nn.Module:
     kwargs = {}
     if args.pretrained_path:  # as timm: the file replaces the pretrained weights' source, the head is adapted
@@ -749,8 +800,10 @@ def _create_model(args, in_chans: int) -> torch.nn.Module:
     except TypeError as e:  # e.g. drop_block_rate, which only the resnet / byobnet families take
         raise _SetupError(f'model {args.model} does not accept an option given by --drop-block, --drop-path or '
                           f'--model-kwargs ({e})') from e
-    except (RuntimeError, OSError, ValueError) as e:
-        raise _SetupError(f'cannot create model {args.model}: {e}') from e
+    except Exception as e:  # a bad name or config, or a weights file (--initial-checkpoint, --pretrained-path)
+        files = ', '.join(f for f in (args.initial_checkpoint, args.pretrained_path) if f)
+        raise _SetupError(_load_failure(f'cannot create model {args.model}' + (f' from {files}' if files else ''), e)) \
+            from e
     if args.head_init_scale is not None or args.head_init_bias is not None:
         head = model.get_classifier()
         with torch.no_grad():
@@ -1073,7 +1126,7 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, mete
         if bar is not None and (update_idx % _BAR_REFRESH == 0 or last):
             bar.set_postfix(OrderedDict((k, f'{v:.4g}') for k, v in meter.averages().items()))
         if loop.saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-            loop.saver.save_recovery(epoch, batch_idx=update_idx)
+            _write_output(loop.saver.save_recovery, epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
         end = time.time()
@@ -1245,6 +1298,7 @@ def _build(args, loop: _Loop) -> _Setup:
     img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train = _create_dataset(args, args.train_split, True, img_mode)
     dataset_eval = _create_dataset(args, args.val_split, False, img_mode) if args.val_split else None
+    _check_datasets(args, dataset_train, dataset_eval)
 
     if args.aug_repeats and not args.distributed:
         raise _SetupError('--aug-repeats needs distributed training (timm\'s RepeatAugSampler splits the repeats '
@@ -1258,6 +1312,10 @@ def _build(args, loop: _Loop) -> _Setup:
         task = build_task(args, model, criterion, device, data_config, loop.model_dtype)
     except (ValueError, OSError) as e:  # stages, taps, saliency or a teacher that do not fit the model
         raise _SetupError(f'{args.model}: {e}') from e
+    except Exception as e:  # a teacher checkpoint that does not load
+        raise _SetupError(_load_failure(f'cannot load the teacher {args.kd_model_name}'
+                                        f'{" from " + args.teacher_checkpoint if args.teacher_checkpoint else ""}',
+                                        e)) from e
     try:
         optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     except (ValueError, AssertionError, TypeError) as e:
@@ -1274,8 +1332,8 @@ def _build(args, loop: _Loop) -> _Setup:
                            device='cpu' if args.model_ema_force_cpu else None)
             if args.resume:
                 load_task_ema_checkpoint(task, args.resume)
-    except (RuntimeError, KeyError, ValueError) as e:  # another model, or not a training checkpoint
-        raise _SetupError(f'cannot resume from {args.resume}: {e}') from e
+    except Exception as e:  # another model, not a training checkpoint, or not a readable file
+        raise _SetupError(_load_failure(f'cannot resume from {args.resume}', e)) from e
     self_distill = build_self_distill(args, task)
     if self_distill is not None and resume_epoch:
         self_distill.resume(resume_epoch - 1)  # the checkpoint was written right after that epoch's SD step
@@ -1359,20 +1417,30 @@ def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
                 raise _Diverged(f'training diverged in epoch {epoch}: non-finite validation metrics ({values})')
             latest_metric = (eval_metrics or train_metrics)[eval_metric]
 
-            if saver is not None:
-                run.best_metric, run.best_epoch = saver.save_checkpoint(epoch, metric=latest_metric)
-                saved = True
+            if saver is not None:  # the row first: a kill before the checkpoint repeats the epoch, which replaces it
                 lrs = [g['lr'] for g in optimizer.param_groups]
-                utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                                     lr=sum(lrs) / len(lrs), log_wandb=has_wandb)
+                _write_output(append_summary, os.path.join(output_dir, 'summary.csv'), epoch, train_metrics,
+                              eval_metrics, lr=sum(lrs) / len(lrs), log_wandb=has_wandb)
+                run.best_metric, run.best_epoch = _write_output(saver.save_checkpoint, epoch, metric=latest_metric)
+                saved = True
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, latest_metric)
             run.results.append(dict(epoch=epoch, train=train_metrics, validation=eval_metrics))
             if primary and eval_metrics:
                 _logger.info(f'Epoch {epoch}: {_format_terms(train_metrics)}  train loss {train_metrics["loss"]:.4f}  '
                              f'top-1 {eval_metrics["top1"]:.2f}  top-5 {eval_metrics["top5"]:.2f}')
-    except KeyboardInterrupt:
-        _logger.warning('Interrupted.')
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see main): never reported as a finished run
+        name, code = ('SIGTERM', 143) if isinstance(e, _Terminated) else ('SIGINT', 130)
+        done = f'{len(run.results)} epoch(s) of this run complete'
+        resume = (f'; resume with --resume {os.path.join(output_dir, "last.pth.tar")}'
+                  if output_dir and os.path.exists(os.path.join(output_dir, 'last.pth.tar')) else '')
+        if primary:
+            _logger.error(f'Interrupted by {name}: {done}{resume}')
+        raise SystemExit(code) from None
+    except _OutputError as e:
+        last = os.path.join(output_dir, 'last.pth.tar')
+        resume = f'; the last complete checkpoint is {last}' if os.path.exists(last) else ''
+        raise SystemExit(f'error: {e}{resume}') from None
     except _Diverged as e:
         resume = f'; the last good checkpoint is {os.path.join(output_dir, "last.pth.tar")}' if saved else ''
         raise SystemExit(f'error: {e}. Lower the learning rate (or the loss weights), or train in float32{resume}') \
@@ -1381,7 +1449,7 @@ def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
         _logger.debug('training stopped', exc_info=True)
         raise SystemExit(f'error: training stopped: {e}') from None
     finally:
-        if created and not saved:
+        if created and os.path.isdir(output_dir) and not any(f.endswith('.pth.tar') for f in os.listdir(output_dir)):
             shutil.rmtree(output_dir, ignore_errors=True)  # nothing resumable: leave no half-made run behind
         if args.distributed:
             torch.distributed.destroy_process_group()
@@ -1395,17 +1463,34 @@ def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
     return run
 
 
+class _OutputError(Exception):
+    """A file of the run could not be written (a read-only or full disk, an output path that is a file)."""
+
+
+def _write_output(fn, *args, **kwargs):
+    """Call a function that writes the run's files; an ``OSError`` becomes one message naming the cause."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        path = e.filename or ''
+        raise _OutputError(f'cannot write {path!r}: {e.strerror or e}' if path else f'cannot write the run\'s files: '
+                           f'{e.strerror or e}') from e
+
+
 def _open_output(args, args_text, setup: _Setup, output_dir: str, start_epoch: int, loss_scaler):
-    """Create the output folder's saver and args.yaml; a resumed run keeps its checkpoint history and summary rows."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Create the output folder's saver and args.yaml; a resumed run keeps its checkpoint history and summary rows,
+    and completes the bookkeeping of the epoch it resumes from (see ``AtomicCheckpointSaver.resume_from``)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise _OutputError(f'the output path {output_dir!r} is a file, not a folder')
+    _write_output(os.makedirs, output_dir, exist_ok=True)
     saver = AtomicCheckpointSaver(
         model=setup.task.get_trainable_module(), optimizer=setup.optimizer, args=args, amp_scaler=loss_scaler,
         checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=setup.eval_metric == 'loss',
         max_history=args.checkpoint_hist, task=setup.task)
     if args.resume:
-        saver.load_state_dict_from_checkpoint(args.resume)
-    utils.trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-    atomic_write_text(os.path.join(output_dir, 'args.yaml'), args_text)
+        _write_output(saver.resume_from, args.resume)
+    _write_output(trim_summary_atomic, os.path.join(output_dir, 'summary.csv'), start_epoch)
+    _write_output(atomic_write_text, os.path.join(output_dir, 'args.yaml'), args_text)
     return saver
 
 
@@ -1432,10 +1517,28 @@ def _init_wandb(args, exp_name: str) -> bool:
     return True
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (exit status 143 instead of 130)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
-    """Command-line entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    """Command-line entry point; ``argv`` defaults to ``sys.argv[1:]``. Exits 130 on SIGINT, 143 on SIGTERM."""
     args, args_text = parse_args(argv)
-    return train(args, args_text)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return train(args, args_text)
+    except KeyboardInterrupt as e:  # before the epoch loop: nothing was written
+        _logger.error(f'Interrupted by {"SIGTERM" if isinstance(e, _Terminated) else "SIGINT"} before training '
+                      f'started')
+        raise SystemExit(143 if isinstance(e, _Terminated) else 130) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

@@ -106,7 +106,7 @@ def test_self_distill_composes_with_any_task(run_train, teacher_ckpt, caplog):
     (['--sfd', 'ri'], '--sfd need a teacher'),
     (['--teacher', 'cifar_resnet20', '--teacher-checkpoint', '/no/such/file', '--sfd'], 'not found'),
     (['--teacher', 'cifar_resnet8', '--teacher-checkpoint', 'TEACHER'], 'does not fit the teacher architecture'),
-    (['--teacher', 'cifar_resnet20', '--teacher-checkpoint', 'TEACHER', '--num-classes', '5'], '10-class classifier'),
+    (['--teacher', 'cifar_resnet20', '--teacher-checkpoint', 'TEACHER', '--num-classes', '12'], '10-class classifier'),
     (['--smoothing-schedule', 'wobble'], "invalid choice: 'wobble'"),
     (['--smoothing-schedule', 'linear', '--smoothing-end', '1.0'], r'--smoothing-end must be in \[0, 1\)'),
     (['--smoothing-schedule', 'cosine', '--smoothing', '-0.1'], r'--smoothing must be in \[0, 1\)'),

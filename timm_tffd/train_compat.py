@@ -260,7 +260,8 @@ def _tokens(key: str, value, action: argparse.Action) -> List[str]:
     return [flag] + [str(v) for v in values]
 
 
-def config_argv(cfg: Dict[str, Any], actions: Dict[str, argparse.Action], path: str) -> Tuple[List[str], Dict[str, Any]]:
+def config_argv(
+        cfg: Dict[str, Any], actions: Dict[str, argparse.Action], path: str) -> Tuple[List[str], Dict[str, Any]]:
     """Turn a YAML config (``-c``) into command-line tokens, so it goes through argparse's type and choice checks.
 
     Keys equal to the argument's default are left out. A key that is not an argument of the script (another timm
