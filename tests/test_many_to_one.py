@@ -48,7 +48,6 @@ def test_many_to_one_golden(c_s, c_d, remainder, groups):
     assert got == pytest.approx(_np_many_to_one(shallow, deep, groups), rel=1e-10)
 
 
-
 @pytest.mark.parametrize('pairs', ['all', 'adjacent'])
 def test_many_to_one_equal_shape_run(pairs):
     # an isotropic model's blocks: one deep channel per group; 'all' takes inter-layer's O(L) path for the run
@@ -73,6 +72,7 @@ def test_many_to_one_equal_shape_run(pairs):
     for g, w in zip(got[:-1], want[:-1]):
         torch.testing.assert_close(g.grad, w.grad, rtol=1e-10, atol=1e-12)
     assert got[-1].grad is None
+
 
 def test_many_to_one_golden_over_pairs():
     feats = _features(1, ((2, 2, 8, 8), (2, 3, 4, 4), (2, 7, 2, 2)))
