@@ -135,8 +135,10 @@ def test_yaml_config(run_train, tmp_path, caplog):
     assert len(warnings) == 1 and 'apex_amp' in warnings[0] and 'vflip' not in warnings[0], warnings
     # the run's own args.yaml reproduces it
     import train_timm_tffd
+    caplog.clear()
     _, again = train_timm_tffd.parse_args(['-c', os.path.join(run.output_dir, 'args.yaml')])
     assert yaml.safe_load(again) == saved
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']  # the script's own args.yaml: no warning
 
 
 @pytest.mark.parametrize('line, message', [

@@ -442,3 +442,20 @@ def test_ddp_grad_accumulation_and_repeated_augmentation(run_train, tmp_path):
                       '--output', tmp_path / 'out', *common, '-b', '4', '--aug-repeats', '3', '--experiment', 'ra')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(tmp_path / 'rank0.pt', weights_only=True)['sampler'] == 'RepeatAugSampler'
+
+
+def test_timm_args_yaml_loads_unchanged(tmp_path, caplog):
+    """An args.yaml as timm's train.py writes it (every argument; here at timm's defaults, with a data dir and a few
+    changed values) loads without a warning and gives those values."""
+    import yaml
+    import train_timm_tffd
+    cfg = {dest: default for dest, (_, default) in TIMM_TRAIN_ARGS.items()}
+    cfg.update(data=str(tmp_path), model='test_resnet', lr=0.05, clip_grad=1.0, aug_repeats=3, remode='const',
+               lr_noise=[0.4, 0.9], model_kwargs={'zero_init_last': False}, device='cpu')
+    path = tmp_path / 'args.yaml'
+    path.write_text(yaml.safe_dump(cfg))
+    caplog.set_level('WARNING')
+    args, _ = train_timm_tffd.parse_args(['-c', str(path)])
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']
+    for key in ('data', 'model', 'lr', 'clip_grad', 'aug_repeats', 'remode', 'lr_noise', 'model_kwargs', 'workers'):
+        assert getattr(args, key) == cfg[key], key
