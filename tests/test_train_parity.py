@@ -349,7 +349,11 @@ def test_variable_resolution_batches_with_tffd(run_train):
 
 @pytest.mark.parametrize('extra', [['--model-dtype', 'bfloat16', '--tffd', 'inter,intra'], ['--torchscript'],
                                    ['--fast-norm', '--model', 'test_vit', '--model-kwargs', 'img_size=32'],
-                                   ['--start-epoch', '1'], ['--aa', 'rand-m9-mstd0.5', '--train-interpolation',
+                                   ['--start-epoch', '1'],
+                                   ['--device-modules', 'json', '--model-ema', '--model-ema-force-cpu',
+                                    '--synchronize-step', '--no-ddp-bb', '--log-wandb', '--wandb-tags', 'a',
+                                    '--fuser', 'te', '--drop-connect', '0.1', '--epoch-repeats', '2'],
+                                   ['--aa', 'rand-m9-mstd0.5', '--train-interpolation',
                                                             'bicubic', '--crop-pct', '0.9', '-vb', '16',
                                                             '--pin-mem', '--use-multi-epochs-loader', '-j', '1']])
 def test_runtime_options_train(run_train, extra):
