@@ -18,7 +18,18 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   for the other models only; their ratio "with teacher training" adds one resnet50 baseline step (measured in the same
   run) to each student step: a teacher trained for as many steps as the student.
 
+* ``--compiled``: every configuration also compiled as the training script's ``--torchcompile`` compiles it
+  (``task.compile``, inductor; it runs on the CPU too), each compared with the compiled plain step.
+* ``--floor``: the cost floor of the Tf-FD terms: four passes (``FLOOR_PASSES``) over the bytes of the tapped maps at
+  the copy bandwidth measured in the same process, and the measured extra time of ``inter+intra`` (eager and
+  compiled) as a multiple of it.
+* ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
+  ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
+  time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
+
     python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
+    python benchmarks/overhead.py --compiled --floor --cpus 0,1 --rounds 21
+    python benchmarks/overhead.py --device cuda --amp --channels-last --compiled --floor --batch-size 128 --rounds 50
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
 
@@ -31,6 +42,7 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   training steps do on a busy machine.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -113,25 +125,59 @@ TEACHER_CONFIGS = ('sfd-ri', 'timm-logit-kd', 'timm-feature-kd')
 TREE_CONFIG = 'inter+intra-wrap'  # the training step that --trees runs in every source tree
 
 
-def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed: int = 0):
+COMPILED = '@compiled'  # suffix of a configuration whose task is compiled as the script's --torchcompile does
+
+
+def split_config(config: str) -> Tuple[str, bool]:
+    """``'inter+intra@compiled'`` -> ``('inter+intra', True)``."""
+    return (config[:-len(COMPILED)], True) if config.endswith(COMPILED) else (config, False)
+
+
+def make_step(model_name: str, config: str, batch_size: int, img_size: int, seed: int = 0, device: str = 'cpu',
+              amp: bool = False, channels_last: bool = False):
+    """One training step of ``config`` (``NAME`` or ``NAME@compiled``): forward through the task, backward, SGD."""
+    name, compiled = split_config(config)
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=1000, img_size=img_size) if 'vit' in model_name \
         else timm.create_model(model_name, num_classes=1000)
-    task = CONFIGS[config](model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    task = CONFIGS[name](model)
+    task.to(device)
     task.train()
+    if compiled:
+        task.compile(backend='inductor')
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, 3, img_size, img_size, generator=g)
-    y = torch.randint(0, 1000, (batch_size,), generator=g)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.float16 if device != 'cpu'
+                               else torch.bfloat16) if amp else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device) if amp and device != 'cpu' else None
 
     def step():
-        loss = task(x, y)['loss']
-        loss.backward()
-        opt.step()
+        with autocast:
+            loss = task(x, y)['loss']
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        _sync(device)
+        return loss.detach()
     return step
+
+
+def _sync(device: str):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
 
 
 def make_terms_step(model_name: str, batch_size: int, img_size: int):
@@ -149,9 +195,16 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f'{key} not in /proc/self/status')
 
 
-def probe_memory(model_name: str, config: str, batch_size: int, img_size: int) -> dict:
-    step = make_step(model_name, config, batch_size, img_size)
-    step()  # allocates optimizer state and warms caches
+def probe_memory(model_name: str, config: str, batch_size: int, img_size: int, device: str = 'cpu',
+                 amp: bool = False, channels_last: bool = False) -> dict:
+    step = make_step(model_name, config, batch_size, img_size, device=device, amp=amp, channels_last=channels_last)
+    step()  # allocates optimizer state and warms caches (and compiles)
+    if torch.device(device).type == 'cuda':  # the caching allocator's peak, not the process RSS
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return {'step_mb': (torch.cuda.max_memory_allocated() - before) / 2 ** 20,
+                'peak_mb': torch.cuda.max_memory_allocated() / 2 ** 20}
     before = _status_kb('VmRSS')
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset the peak-RSS counter to the current RSS
@@ -171,7 +224,7 @@ def tree_env(tree: Optional[str] = None, **extra: str) -> dict:
 def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
     env = tree_env(tree, MALLOC_MMAP_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--probe', model_name, config, '--batch-size',
-           str(args.batch_size), '--img-size', str(args.img_size)]
+           str(args.batch_size), '--img-size', str(args.img_size), '--device', getattr(args, 'device', 'cpu'), *_flags(args)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -300,7 +353,8 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
     same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
     Rounds alternate the order of the configurations (ABBA), so no configuration always runs first."""
-    steps = {c: make_step(model_name, c, args.batch_size, args.img_size) for c in configs}
+    steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
+                          channels_last=args.channels_last) for c in configs}
     for s in steps.values():
         for _ in range(args.warmup):
             s()
@@ -315,10 +369,60 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     stolen = None if steal0 is None or steal1 is None else steal1 - steal0
     out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}
     for c, v in times.items():
-        ratios = [a / b for a, b in zip(v, times['baseline'])]
+        ratios = [a / b for a, b in zip(v, times[baseline_of(c)])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
                   'ratio_ci95': median_interval(ratios)}
     return out
+
+
+def baseline_of(config: str) -> str:
+    """The configuration a row is compared with: the plain step in the same mode (eager or compiled)."""
+    return 'baseline' + (COMPILED if split_config(config)[1] else '')
+
+
+def _flags(args) -> list:
+    return [f for f, on in (('--amp', getattr(args, 'amp', False)),
+                            ('--channels-last', getattr(args, 'channels_last', False))) if on]
+
+
+def copy_bandwidth(device: str = 'cpu', mbytes: int = 256, reps: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write), median of ``reps``: the memory bandwidth the floor
+    assumes."""
+    src = torch.ones(mbytes * 2 ** 20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times[1:])
+
+
+FLOOR_PASSES = 4  # the terms read each tapped map in the forward and again in the backward, where they also read and
+# write its gradient: four passes over the maps' bytes at memory bandwidth, with nothing else counted
+
+
+def tapped_bytes(model_name: str, batch_size: int, img_size: int, bytes_per_value: int = 4) -> int:
+    """Bytes of the maps ``wrap(model, 'inter,intra')`` taps in one step (the default stages)."""
+    tapped = terms.Tapped(model_name, batch_size, img_size)
+    return sum(leaf.numel() for leaf in tapped.leaves) * bytes_per_value
+
+
+def floor_row(model_name: str, times: Dict[str, dict], args) -> dict:
+    """The terms' cost floor for ``model_name`` and the measured extra time of ``inter+intra`` as a multiple of it."""
+    nbytes = tapped_bytes(model_name, args.batch_size, args.img_size, 2 if args.amp else 4)
+    bandwidth = copy_bandwidth(args.device)
+    floor_s = FLOOR_PASSES * nbytes / bandwidth
+    row = {'model': model_name, 'tapped_mb': nbytes / 2 ** 20, 'bandwidth_gbs': bandwidth / 1e9,
+           'floor_ms': floor_s * 1e3}
+    for config in ('inter+intra', 'inter+intra' + COMPILED):
+        if config in times:
+            extra = times[config]['median_s'] - times[baseline_of(config)]['median_s']
+            row[config] = {'extra_ms': extra * 1e3, 'floor_multiple': extra / floor_s,
+                           'floor_share_of_step': floor_s / times[baseline_of(config)]['median_s']}
+    return row
 
 
 def median_interval(values, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
@@ -349,12 +453,26 @@ def main():
                              'backward on leaves shaped like the taps, benchmarks/terms.py)')
     parser.add_argument('--probe', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
     parser.add_argument('--worker', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
-    parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice, or one '
+                                                               'per --cpus entry)')
+    parser.add_argument('--cpus', default='', help='pin this process and its workers to these CPUs, e.g. 0,1')
+    parser.add_argument('--compiled', action='store_true',
+                        help='add every configuration compiled (task.compile, inductor) next to its eager row')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--amp', action='store_true', help='autocast (float16 + GradScaler on CUDA, bfloat16 on CPU)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--floor', action='store_true',
+                        help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
+                             'measured inter+intra overhead as a multiple of it')
     args = parser.parse_args()
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(',')})  # inherited by the probe processes
+        args.threads = args.threads or len(args.cpus.split(','))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:
-        print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size)))
+        print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size, args.device, args.amp,
+                                      args.channels_last)))
         return
     if args.worker:
         serve(*args.worker, args)
@@ -369,11 +487,14 @@ def main():
                 json.dump({'args': vars(args), 'results': rows}, f, indent=2)
         return
     configs = list(CONFIGS) if args.configs == 'all' else [c.strip() for c in args.configs.split(',')]
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if split_config(c)[0] not in CONFIGS]
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
-    if 'baseline' not in configs:
-        configs.insert(0, 'baseline')
+    if args.compiled:
+        configs += [c + COMPILED for c in configs if not split_config(c)[1]]
+    for c in list(configs):
+        if baseline_of(c) not in configs:
+            configs.insert(0, baseline_of(c))
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds\n')
     results = []
@@ -381,6 +502,7 @@ def main():
               '| memory ratio |')
     print(header + '\n|---|---|---:|---:|---:|---:|---:|---:|')
     teacher_step = {}
+    floors = []
     steal: Dict[str, Optional[float]] = {}
     models = args.models.split(',')
     if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
@@ -390,14 +512,17 @@ def main():
         times = measure_time(model_name, model_configs, args)
         teacher_step.setdefault(model_name, times['baseline']['median_s'])
         mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
+        if args.floor:
+            floors.append(floor_row(model_name, times, args))
         for c in model_configs:
-            base_s = times['baseline']['median_s']
+            base_s = times[baseline_of(c)]['median_s']
             row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
                    'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95']}
             if c in TEACHER_CONFIGS and TEACHER in teacher_step:
                 row['time_ratio_with_teacher_training'] = times[c]['ratio'] + teacher_step[TEACHER] / base_s
             if mem:
-                row.update(step_mb=mem[c]['step_mb'], memory_ratio=mem[c]['step_mb'] / mem['baseline']['step_mb'])
+                row.update(step_mb=mem[c]['step_mb'],
+                           memory_ratio=mem[c]['step_mb'] / mem[baseline_of(c)]['step_mb'])
             results.append(row)
             mem_cols = f'{row["step_mb"]:.0f} | {row["memory_ratio"]:.3f}' if mem else '- | -'
             with_teacher = row.get('time_ratio_with_teacher_training')
@@ -409,9 +534,20 @@ def main():
     if any(v is not None for v in steal.values()):
         print('\nCPU time taken by the hypervisor (steal) while the rounds ran: '
               + ', '.join(f'{m} {100 * v:.1f}%' for m, v in steal.items() if v is not None))
+    if floors:
+        print(f'\nFloor: {FLOOR_PASSES} passes over the tapped maps at the measured copy bandwidth.\n\n'
+              '| model | tapped maps (MB) | copy bandwidth (GB/s) | floor (ms) | floor / step | mode | extra time (ms) '
+              '| extra / floor |\n|---|---:|---:|---:|---:|---|---:|---:|')
+        for f in floors:
+            for config in ('inter+intra', 'inter+intra' + COMPILED):
+                if config in f:
+                    m = f[config]
+                    print(f'| {f["model"]} | {f["tapped_mb"]:.0f} | {f["bandwidth_gbs"]:.1f} | {f["floor_ms"]:.1f} | '
+                          f'{100 * m["floor_share_of_step"]:.2f}% | {"compiled" if COMPILED in config else "eager"} | '
+                          f'{m["extra_ms"]:.1f} | {m["floor_multiple"]:.1f} |')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'results': results, 'steal_share': steal}, f, indent=2)
+            json.dump({'args': vars(args), 'results': results, 'steal_share': steal, 'floor': floors}, f, indent=2)
 
 
 if __name__ == '__main__':

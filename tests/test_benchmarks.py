@@ -30,7 +30,24 @@ def test_four_taps_picks_evenly_spaced_blocks():
 def test_overhead_step_runs(config):
     step = overhead.make_step('resnet18', config, batch_size=2, img_size=224)  # emd-grid7 needs 7x7 maps
     losses = [step() for _ in range(2)]
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.stack(losses)))
+
+
+def test_overhead_compiled_step_and_floor():
+    """A compiled configuration trains (inductor runs on the CPU); the floor's bytes are those of the maps the model
+    taps, computed here from timm's own intermediates."""
+    step = overhead.make_step('test_resnet', 'inter+intra@compiled', batch_size=2, img_size=32)
+    assert all(torch.isfinite(step()) for _ in range(2))
+    assert overhead.baseline_of('inter+intra@compiled') == 'baseline@compiled'
+    model = timm.create_model('test_resnet')
+    _, feats = model.forward_intermediates(torch.zeros(3, 3, 64, 64), indices=timm_tffd.resolve_stages(model))
+    assert overhead.tapped_bytes('test_resnet', 3, 64) == 4 * sum(f.numel() for f in feats)
+    args = argparse.Namespace(batch_size=3, img_size=64, amp=False, device='cpu')
+    times = {'baseline': {'median_s': 0.5}, 'inter+intra': {'median_s': 0.6}}
+    row = overhead.floor_row('test_resnet', times, args)
+    floor_s = 4 * 4 * sum(f.numel() for f in feats) / (row['bandwidth_gbs'] * 1e9)
+    assert row['floor_ms'] == pytest.approx(floor_s * 1e3)
+    assert row['inter+intra']['floor_multiple'] == pytest.approx(0.1 / floor_s)
 
 
 @pytest.mark.parametrize('model', ['test_resnet', 'test_vit'])
