@@ -224,7 +224,8 @@ def tree_env(tree: Optional[str] = None, **extra: str) -> dict:
 def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
     env = tree_env(tree, MALLOC_MMAP_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--probe', model_name, config, '--batch-size',
-           str(args.batch_size), '--img-size', str(args.img_size), '--device', getattr(args, 'device', 'cpu'), *_flags(args)]
+           str(args.batch_size), '--img-size', str(args.img_size), '--device', getattr(args, 'device', 'cpu'),
+           *_flags(args)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
