@@ -4,6 +4,7 @@ Each file (checkpoint, ``last``, ``model_best``, recovery, ``args.yaml``) is wri
 fsynced and renamed over its target with ``os.replace``, so it appears complete or not at all and a run killed during
 a save keeps the files of its earlier epochs. What timm's saver does differently: docs/design.md.
 """
+import errno
 import logging
 import os
 import shutil
@@ -59,6 +60,15 @@ def atomic_write_text(path: str, text: str):
         raise
 
 
+_FULL = 4 * 2 ** 20  # a file system with less free space than this, right after a failed write, is full
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes this process may still write on ``directory``'s file system (root may use the reserved blocks)."""
+    st = os.statvfs(directory)
+    return (st.f_bfree if hasattr(os, 'geteuid') and os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 def _atomic_edit(path: str, edit):
     """Apply ``edit(scratch_path)`` to a copy of ``path`` (if it exists) and rename the copy over it."""
     scratch = path + _PARTIAL
@@ -99,6 +109,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
         try:
             super()._save(scratch, epoch, metric)
             _commit(scratch, save_path)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos ..."
+            full = free_bytes(os.path.dirname(os.path.abspath(scratch))) < _FULL
+            _remove_quietly(scratch)
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_path) from e
+            raise
         except BaseException:
             _remove_quietly(scratch)
             raise
