@@ -27,8 +27,10 @@ def test_interrupt_exits_non_zero_and_resumes(run_train, tmp_path, sig, code):
     intact, and --resume continues from them to the end."""
     args = [*TINY, '--epochs', '200', '--output', tmp_path / 'out', '--experiment', 'cut']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    # a shell without job control starts background jobs with SIGINT ignored, which Python keeps: restore it
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'train_timm_tffd.py'), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = tmp_path / 'out' / 'cut'
     deadline = time.time() + 120
     while not (out / 'summary.csv').exists() or len(_rows(out)) < 1:

@@ -311,7 +311,7 @@ def test_grad_checkpointing_gives_the_same_tffd_terms(preact):
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = wrap(timm.create_model('resnet18', num_classes=10), 'inter,intra', preact=preact, warmup_epochs=0)
+        model = wrap(timm.create_model('test_resnet', num_classes=10), 'inter,intra', preact=preact, warmup_epochs=0)
         model.set_grad_checkpointing(checkpointing)
         loss_fn = TfFDLoss(nn.CrossEntropyLoss(), model)
         x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2, 3, 4])
