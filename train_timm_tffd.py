@@ -1054,10 +1054,13 @@ def _loss_scale(args, loop: _Loop, input) -> float:
     if not (args.naflex_loader or args.train_img_sizes):
         return 1.
     mode = args.naflex_loss_scale if args.naflex_loader else args.variable_batch_loss_scale
-    if mode == 'none':
-        return 1.
-    scale = _batch_size(input) / loop.batch_size_reference
-    return scale ** 0.5 if mode == 'sqrt' else scale
+    batch = _batch_size(input)
+    scale = 1. if mode == 'none' else batch / loop.batch_size_reference
+    scale = scale ** 0.5 if mode == 'sqrt' else scale
+    if args.naflex_loader and args.distributed:  # ranks' batches differ: weight each by its share of the global one
+        global_batch = utils.reduce_tensor(torch.tensor(float(batch), device=loop.device), 1)
+        scale = scale * (args.world_size * batch / global_batch)  # a tensor: no host read
+    return scale
 
 
 def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, meter: LossMeter, bar):
@@ -1074,7 +1077,7 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, mete
     data_time = utils.AverageMeter()
     primary = utils.is_primary(args)
     optimizer.zero_grad()
-    end = time.time()
+    end = data_start = time.time()
     for step, (input, target) in enumerate(loader):
         last = step == num_batches - 1
         need_update = last or (step + 1) % accum_steps == 0
@@ -1086,18 +1089,19 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, mete
                 input, target = loop.mixup_fn(input, target)
         if args.channels_last and not isinstance(input, dict):
             input = input.contiguous(memory_format=torch.channels_last)
-        data_time.update(time.time() - end)
+        data_time.update(time.time() - data_start)
 
         with nullcontext() if need_update else task.no_sync():  # DDP: gradients are reduced at updates only
             with loop.amp_autocast():
                 result = task(input, target)
             loss, factor = result['loss'], _loss_scale(args, loop, input) / micro_steps
-            if factor != 1:
+            if torch.is_tensor(factor) or factor != 1:
                 loss = loss * factor
             _backward(task, loss, optimizer, loop, need_update, second_order)
         meter.update(result, _batch_size(input))
         if bar is not None:
             bar.update()
+        data_start = time.time()
         if not need_update:
             continue
 
@@ -1129,7 +1133,7 @@ def _train_steps(epoch, task, loader, optimizer, lr_scheduler, loop: _Loop, mete
             _write_output(loop.saver.save_recovery, epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
-        end = time.time()
+        end = data_start = time.time()
 
 
 def _to_device(input, loop: _Loop):
