@@ -347,15 +347,19 @@ def test_variable_resolution_batches_with_tffd(run_train):
     assert math.isfinite(run.results[0]['train']['tffd_inter'])
 
 
-@pytest.mark.parametrize('extra', [['--model-dtype', 'bfloat16', '--tffd', 'inter,intra'], ['--torchscript'],
-                                   ['--fast-norm', '--model', 'test_vit', '--model-kwargs', 'img_size=32'],
-                                   ['--start-epoch', '1'],
-                                   ['--device-modules', 'json', '--model-ema', '--model-ema-force-cpu',
-                                    '--synchronize-step', '--no-ddp-bb', '--log-wandb', '--wandb-tags', 'a',
-                                    '--fuser', 'te', '--drop-connect', '0.1', '--epoch-repeats', '2'],
-                                   ['--aa', 'rand-m9-mstd0.5', '--train-interpolation',
-                                                            'bicubic', '--crop-pct', '0.9', '-vb', '16',
-                                                            '--pin-mem', '--use-multi-epochs-loader', '-j', '1']])
+_RUNTIME = [
+    ['--model-dtype', 'bfloat16', '--tffd', 'inter,intra'],
+    ['--torchscript'],
+    ['--fast-norm', '--model', 'test_vit', '--model-kwargs', 'img_size=32'],
+    ['--start-epoch', '1'],
+    ['--device-modules', 'json', '--model-ema', '--model-ema-force-cpu', '--synchronize-step', '--no-ddp-bb',
+     '--log-wandb', '--wandb-tags', 'a', '--fuser', 'te', '--drop-connect', '0.1', '--epoch-repeats', '2'],
+    ['--aa', 'rand-m9-mstd0.5', '--train-interpolation', 'bicubic', '--crop-pct', '0.9', '-vb', '16', '--pin-mem',
+     '--use-multi-epochs-loader', '-j', '1'],
+]
+
+
+@pytest.mark.parametrize('extra', _RUNTIME)
 def test_runtime_options_train(run_train, extra):
     run = run_train(*TINY, *extra, '--experiment', 'rt')
     assert run.results and all(math.isfinite(v) for v in run.results[-1]['train'].values())
