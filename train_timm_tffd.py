@@ -548,8 +548,6 @@ def _check_timm_combinations(args, parser: argparse.ArgumentParser):
         parser.error('--pad-crop cannot go with --aug-splits')
     if args.model_dtype and args.model_dtype != 'float32' and args.amp:
         parser.error('--amp needs a float32 model: leave out --model-dtype or --amp')
-    if args.torchscript and args.torchcompile:
-        parser.error('--torchscript and --torchcompile exclude each other')
     if args.torchscript and (args.tffd or args.sfd):
         parser.error('--torchscript cannot keep the Tf-FD / SFD feature taps (Python forward hooks and a Python '
                      'forward); use --torchcompile instead')

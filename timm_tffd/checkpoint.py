@@ -9,8 +9,7 @@ import logging
 import os
 import shutil
 
-from timm.utils import CheckpointSaver, trim_summary, update_summary
-from timm.utils.checkpoint_saver import load_checkpoint_metadata
+from timm.utils import CheckpointSaver, load_checkpoint_metadata, trim_summary, update_summary
 
 __all__ = ['AtomicCheckpointSaver', 'atomic_write_text', 'append_summary', 'trim_summary_atomic']
 
