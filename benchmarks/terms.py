@@ -68,7 +68,7 @@ class Tapped:
     def terms(self, tensors: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The Tf-FD terms of the maps of ``tensors``, by the wrapped model's forward with its taps replaced."""
         state = timm_tffd.get_tffd_state(self.model)
-        state.taps.forward = lambda model, x: (None, self.maps(tensors))  # instead of running the network
+        state.taps.forward = lambda model, x, staged=None: (None, self.maps(tensors))  # instead of running the network
         try:
             self.model(None)
         finally:

@@ -172,3 +172,61 @@ def test_token_models_give_timm_maps(family):
     if viewed:  # views of the block outputs, not copies
         assert len(outputs) == len(got)
         assert all(g.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for g, out in zip(got, outputs))
+
+
+# the HOOK_MODELS families (tiny instances): tapped with hooks by default
+HOOK_FAMILIES = {
+    'resnet': lambda: timm.create_model('test_resnet'),
+    'resnet-d': lambda: timm.create_model('resnet18d', layers=(1, 1, 1, 1)),
+    'convnext': lambda: timm.create_model('test_convnext'),
+    'efficientnet': lambda: timm.create_model('test_efficientnet'),
+    'mobilenetv3': lambda: timm.create_model('mobilenetv3_small_050'),
+    'regnet': lambda: timm.create_model('regnetx_002'),
+    'cifar_resnet': lambda: timm.create_model('cifar_resnet8'),
+    'cifar_wrn': lambda: timm.create_model('cifar_wrn_16_2'),
+    'cifar_vgg': lambda: timm.create_model('cifar_vgg8'),
+}
+
+
+@pytest.mark.parametrize('checkpointing', [False, True])
+@pytest.mark.parametrize('family', list(HOOK_FAMILIES))
+def test_hook_models_give_timm_maps(family, checkpointing):
+    """Forward hooks on these families' feature_info modules see the very maps forward_intermediates returns; with
+    gradient checkpointing on, the taps run forward_intermediates (some of these models then skip the stage modules)."""
+    torch.manual_seed(0)
+    model = HOOK_FAMILIES[family]().eval()
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    taps = FeatureTaps(model)
+    assert taps.mode == 'hooks' and taps.intermediates_fallback
+    with torch.no_grad():
+        want_final, want = model.forward_intermediates(x, indices=taps.indices)
+        logits, got = taps.forward(model, x)
+    torch.testing.assert_close(logits, model.forward_head(want_final), rtol=0, atol=0)
+    assert len(got) == len(want) == len(taps.indices)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert FeatureTaps(model, mode='intermediates').mode == 'intermediates'  # the mode can still be chosen
+
+
+def test_on_tap_runs_in_the_forward_in_stage_order():
+    model = timm.create_model('test_resnet').train()
+    taps = FeatureTaps(model)
+    seen = []
+
+    def on_tap(pos, feature, staged):
+        seen.append((pos, sorted(staged), [n for n, m in model.named_modules() if m in ran]))
+        return pos * 10
+    ran = []
+    for name in ('layer1', 'layer2', 'layer3', 'layer4', 'fc'):
+        model.get_submodule(name).register_forward_pre_hook(lambda mod, args: ran.append(mod))  # started
+    taps.on_tap = on_tap
+    staged = {}
+    taps.forward(model, torch.randn(2, 3, 32, 32), staged)
+    assert staged == {0: 0, 1: 10, 2: 20, 3: 30}
+    # each call comes right after its stage, before the next stage runs, and sees the earlier stages' results
+    assert [(pos, earlier) for pos, earlier, _ in seen] == [(0, []), (1, [0]), (2, [0, 1]), (3, [0, 1, 2])]
+    assert [names for _, _, names in seen] == [['layer1'], ['layer1', 'layer2'], ['layer1', 'layer2', 'layer3'],
+                                               ['layer1', 'layer2', 'layer3', 'layer4']]
+    taps.forward(model, torch.randn(2, 3, 32, 32))  # without a dict nothing is computed
+    assert len(seen) == 4

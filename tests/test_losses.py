@@ -436,3 +436,36 @@ def test_wrapped_model_terms_equal_plain_autograd(family):
         assert (e is None) == (g is None)
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('pairs,direction', [('all', 'top-down'), ('all', 'bidirectional'), ('adjacent', 'bottom-up')])
+@pytest.mark.parametrize('size', [32, 37])  # 37: sizes 19/10/5/3, where pooling ahead by the reductions' ratio fails
+@pytest.mark.parametrize('preact', [False, True])
+def test_terms_computed_at_tap_time_equal_plain_autograd(pairs, direction, size, preact):
+    """A ResNet is tapped with hooks and its terms are computed stage by stage as the forward runs (pairs at their
+    later stage, students pooled ahead, intra's differences recomputed in the backward): same terms and parameter
+    gradients as the definitions on the tapped maps."""
+    import timm
+    import timm_tffd
+    torch.manual_seed(0)
+    model = timm_tffd.wrap(timm.create_model('test_resnet', num_classes=5), 'inter,intra', pairs=pairs,
+                           direction=direction, preact=preact).train()
+    state = timm_tffd.get_tffd_state(model)
+    assert state.taps.mode == ('preact' if preact else 'hooks') and set(state.staged) == {'inter', 'intra'}
+    assert state.methods['intra'].recompute is not preact  # a pre-activation copy is not kept by the network
+    model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    stash = state.take()
+    feats = stash.features
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_inter = _torch_pairwise(feats, inter_layer_pairs(len(feats), pairs, direction))
+    ref_intra = _torch_intra(feats)
+    torch.testing.assert_close(stash.terms['inter'], ref_inter, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stash.terms['intra'], ref_intra, rtol=1e-6, atol=0)
+    got = torch.autograd.grad(stash.terms['inter'] + stash.terms['intra'], params, retain_graph=True,
+                              allow_unused=True)
+    expected = torch.autograd.grad(ref_inter + ref_intra, params, allow_unused=True)
+    scale = max(float(e.abs().max()) for e in expected if e is not None)
+    for e, g in zip(expected, got):
+        assert (e is None) == (g is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * scale)

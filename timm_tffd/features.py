@@ -3,21 +3,31 @@
 Tf-FD (Li, ECCV 2022) needs the logits and a few stage outputs of the *same* forward pass. ``FeatureTaps`` resolves
 the stages from ``model.feature_info`` and captures them in one of three ways:
 
+* ``hooks``: forward hooks on the ``feature_info`` modules, whose outputs are the stage maps. The default for the
+  convolutional families listed in ``HOOK_MODELS`` (their hooked outputs are the very tensors that
+  ``forward_intermediates`` returns; tested) and for every model without ``forward_intermediates``;
 * ``intermediates``: timm's ``forward_intermediates(x, indices)`` followed by ``forward_head`` (the default for every
-  model that has it). Token models come back as NCHW maps; for ViT, DeiT, EVA, BEiT, CaiT, ConViT and the
+  other model that has it). Token models come back as NCHW maps; for ViT, DeiT, EVA, BEiT, CaiT, ConViT and the
   relative-position ViTs these maps are views of the NLC tokens;
-* ``hooks``: forward hooks on the ``feature_info`` modules, for models without ``forward_intermediates``;
 * ``preact``: forward pre-hooks on the activation that closes a ResNet-style stage (see ``closing_block``), which
   sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
+
+With hooks (and pre-hooks) a stage's map is known while the forward is still running: ``on_tap`` computes per-stage
+work at that moment (see ``FeatureTaps``), which places its backward where the network's backward reaches that stage
+instead of at the start of the backward pass (docs/design.md, "Where the terms are computed").
 """
 import functools
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models import Beit, Cait, ConVit, Eva, VisionTransformer, VisionTransformerRelPos
+from timm.models import (
+    Beit, Cait, ConVit, ConvNeXt, EfficientNet, Eva, MobileNetV3, RegNet, ResNet, VisionTransformer,
+    VisionTransformerRelPos)
 
-__all__ = ['FeatureTaps', 'resolve_stages', 'closing_block', 'ClosingBlock', 'STEM_MODULES']
+from .models import CifarNet
+
+__all__ = ['FeatureTaps', 'resolve_stages', 'closing_block', 'ClosingBlock', 'STEM_MODULES', 'HOOK_MODELS']
 
 # feature_info entries that are the network stem rather than a stage; excluded by default.
 STEM_MODULES = ('act1', 'bn1', 'stem', 'conv_stem', 'bn_stem', 'features.norm0', 'stem.norm', 'stem.act')
@@ -115,6 +125,12 @@ def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
 # intermediates only (Swin, SAM ViT, ...) or another grid (MViTv2, XCiT, ...) are not listed.
 _TOKEN_VIEW_MODELS = (VisionTransformer, Eva, Beit, Cait, ConVit, VisionTransformerRelPos)
 
+# Families whose feature_info modules return the stage maps themselves (NCHW, nothing applied after them), so forward
+# hooks give exactly what forward_intermediates gives (tests/test_features.py checks each). Tapped with hooks by
+# default, except while gradient checkpointing is on: some of them then run their stages' blocks without calling the
+# stage module (timm's checkpoint_seq with flatten=True), so those forwards take forward_intermediates.
+HOOK_MODELS: List[type] = [ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet, CifarNet]
+
 
 class FeatureTaps:
     """Captures selected stage outputs and the logits in one forward pass.
@@ -125,13 +141,18 @@ class FeatureTaps:
         model: The timm model.
         stages: ``feature_info`` indices (see ``resolve_stages``).
         preact: Tap pre-activation stage outputs (ResNet-style stages only).
-        mode: ``'intermediates'`` or ``'hooks'``; ``None`` picks ``intermediates`` when the model has
-            ``forward_intermediates``. Ignored with ``preact=True``.
+        mode: ``'intermediates'`` or ``'hooks'``; ``None`` picks ``hooks`` for the families in ``HOOK_MODELS`` and
+            for models without ``forward_intermediates``, else ``intermediates``. Ignored with ``preact=True``.
 
     Attributes:
         indices, modules, channels, reductions: The tapped ``feature_info`` entries, shallow to deep.
         mode: ``'intermediates'``, ``'hooks'`` or ``'preact'``.
+        intermediates_fallback: ``hooks`` mode chosen for a ``HOOK_MODELS`` family: a forward with gradient
+            checkpointing on runs ``forward_intermediates`` instead.
         token_grid: The features are NCHW views of a token model's NLC intermediates.
+        on_tap: ``None``, or ``on_tap(position, feature, staged)`` called in the forward as each stage is tapped
+            (``hooks`` and ``preact`` modes; ``staged``: what it returned for the stages tapped before); what it returns
+            is handed back through ``forward``'s ``staged`` argument.
     """
 
     def __init__(
@@ -147,15 +168,20 @@ class FeatureTaps:
         self.channels = [info[i]['num_chs'] for i in self.indices]
         self.reductions = [info[i]['reduction'] for i in self.indices]
         self.preact = preact
+        self.intermediates_fallback = False
         if preact:
             mode = 'preact'
         elif mode is None:
-            mode = 'intermediates' if hasattr(model, 'forward_intermediates') else 'hooks'
+            has_intermediates = hasattr(model, 'forward_intermediates')
+            mode = 'hooks' if isinstance(model, tuple(HOOK_MODELS)) or not has_intermediates else 'intermediates'
+            self.intermediates_fallback = mode == 'hooks' and has_intermediates
         if mode not in ('intermediates', 'hooks', 'preact'):
             raise ValueError(f'unknown feature tap mode {mode!r}')
         self.mode = mode
         self.token_grid = mode == 'intermediates' and isinstance(model, _TOKEN_VIEW_MODELS)
+        self.on_tap: Optional[Callable[[int, torch.Tensor, Dict[int, Any]], Any]] = None
         self._buffer = {}
+        self._staged: Optional[Dict[int, Any]] = None
         self._active = False
         self._handles = []
         if mode != 'intermediates':
@@ -166,34 +192,57 @@ class FeatureTaps:
                     h = model.get_submodule(name).register_forward_hook(functools.partial(self._hook, pos))
                 self._handles.append(h)
 
+    def _tap(self, pos: int, feature: torch.Tensor):
+        self._buffer[pos] = feature
+        if self._staged is not None and self.on_tap is not None:
+            self._staged[pos] = self.on_tap(pos, feature, self._staged)
+
     def _pre_hook(self, pos: int, module: nn.Module, args: Tuple[torch.Tensor, ...]):
         if self._active:
-            self._buffer[pos] = args[0].clone()  # the activation is in-place: keep a copy
+            self._tap(pos, args[0].clone())  # the activation is in-place: keep a copy
 
     def _hook(self, pos: int, module: nn.Module, args, output):
         if self._active:
             if not torch.is_tensor(output) or output.ndim != 4:
                 raise ValueError(f'feature module {self.modules[pos]} returned {type(output).__name__} '
                                  f'{tuple(getattr(output, "shape", ()))}; Tf-FD needs NCHW maps')
-            self._buffer[pos] = output
+            self._tap(pos, output)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(
+            self,
+            model: nn.Module,
+            x: torch.Tensor,
+            staged: Optional[Dict[int, Any]] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run ``model`` once; return ``(logits, features)`` with features shallow to deep.
 
         Args:
             model: The model the taps were created on.
             x: The input batch.
+            staged: A dict that receives ``{position: on_tap(position, feature, staged)}`` for the stages tapped while
+                the forward runs (nothing in ``intermediates`` mode, without ``on_tap``, or with the model's gradient
+                checkpointing on).
         """
-        if self.mode == 'intermediates':
+        if self._intermediates(model):
             final, feats = self.forward_features(model, x)
             return model.forward_head(final), feats
-        return self._run_hooked(type(model).forward, model, x)
+        return self._run_hooked(type(model).forward, model, x, staged)
 
-    def forward_features(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _intermediates(self, model: nn.Module) -> bool:
+        return self.mode == 'intermediates' or (
+            self.intermediates_fallback and getattr(model, 'grad_checkpointing', False))
+
+    def forward_features(
+            self,
+            model: nn.Module,
+            x: torch.Tensor,
+            staged: Optional[Dict[int, Any]] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run ``model`` up to its head; return ``(final, features)``: ``final`` is what ``model.forward_features``
-        gives (for tasks that apply the head themselves, such as timm's feature distillation)."""
-        if self.mode != 'intermediates':
-            return self._run_hooked(type(model).forward_features, model, x)
+        gives (for tasks that apply the head themselves, such as timm's feature distillation). ``staged`` as in
+        ``forward``."""
+        if not self._intermediates(model):
+            return self._run_hooked(type(model).forward_features, model, x, staged)
         if self.token_grid:
             final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
             h, w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
@@ -202,13 +251,17 @@ class FeatureTaps:
             final, feats = model.forward_intermediates(x, indices=self.indices)
         return final, list(feats)
 
-    def _run_hooked(self, fn, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _run_hooked(self, fn, model: nn.Module, x: torch.Tensor, staged: Optional[Dict[int, Any]] = None):
         self._buffer.clear()
         self._active = True
+        # a hook may fire inside a block that gradient checkpointing recomputes in the backward, and the recomputation
+        # must save the same tensors as the forward: no work at tap time then (the terms are computed after it)
+        self._staged = None if getattr(model, 'grad_checkpointing', False) else staged
         try:
             out = fn(model, x)
         finally:
             self._active = False
+            self._staged = None
         missing = [self.modules[i] for i in range(len(self.modules)) if i not in self._buffer]
         if missing:
             raise RuntimeError(f'feature modules {missing} did not run in the forward pass')
@@ -224,4 +277,5 @@ class FeatureTaps:
     def __getstate__(self):
         state = self.__dict__.copy()
         state['_buffer'] = {}
+        state['_staged'] = None
         return state

@@ -105,12 +105,13 @@ class TfFDFeatureDistillationTrainableModule(FeatureDistillationTrainableModule)
     def forward(self, input: torch.Tensor):
         if not self.training:
             return super().forward(input)
-        final, feats = get_tffd_state(self.student).taps.forward_features(self.student, input)
+        staged = {}
+        final, feats = get_tffd_state(self.student).taps.forward_features(self.student, input, staged)
         logits = self.student.forward_head(final)
         features = self.student.forward_head(final, pre_logits=True)
         if self.projection is not None:
             features = self.projection(features)
-        record_forward(self.student, logits, feats)
+        record_forward(self.student, logits, feats, staged)
         return logits, features
 
 

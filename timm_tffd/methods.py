@@ -3,34 +3,42 @@
 A method is built once per wrapped model from a ``MethodContext`` (the model and its tapped stages) and keyword
 options, and returns a callable ``features -> scalar loss``. ``TfFDConfig`` routes each option to the methods whose
 builder names it, so ``wrap(model, 'inter,intra', pairs='adjacent', saliency='entropy')`` configures both methods.
+
+A loss callable may also do per-stage work while the forward runs (``StagedLoss``): ``at_tap(position, feature)`` is
+called as each stage is tapped (when the taps use hooks) and the loss is then ``loss_fn(features, staged)`` with the
+list of what ``at_tap`` returned. Both ways give the same values; the staged one holds less memory in the backward
+(docs/design.md, "Where the terms are computed"). Inter and intra are staged.
 """
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .losses.emd import check_emd_options, emd_layer_loss
-from .losses.inter import inter_layer_loss, inter_layer_pairs
-from .losses.intra import intra_layer_loss
+from .losses.inter import InterStage, inter_from_stages, inter_layer_pairs, inter_stage
+from .losses.intra import intra_stage_loss
 from .losses.many_to_one import channel_groups, many_to_one_loss
 from .losses.saliency import MODEL_SALIENCY, bn_scale_saliency, get_saliency
 
-__all__ = ['MethodContext', 'TfFDMethod', 'register_method', 'get_method', 'list_methods', 'parse_methods']
+__all__ = ['MethodContext', 'TfFDMethod', 'StagedLoss', 'register_method', 'get_method', 'list_methods',
+           'parse_methods']
 
 LossFn = Callable[[List[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
 class MethodContext:
-    """What a method builder may read: the model and the tapped stages (shallow to deep)."""
+    """What a method builder may read: the model and the tapped stages (shallow to deep). ``copies``: the tapped maps
+    are copies made for the taps (pre-activation maps), not tensors the network keeps for its own backward."""
     model: nn.Module
     indices: List[int]
     modules: List[str]
     channels: List[int]
     reductions: List[int]
+    copies: bool = False
 
 
 @dataclass
@@ -93,41 +101,80 @@ def _check_two_stages(ctx: MethodContext, method: str):
                          f'{ctx.modules})')
 
 
-class InterLayer:
-    """Inter-layer Tf-FD over fixed pairs (see ``timm_tffd.losses.inter``)."""
+class StagedLoss:
+    """A loss that does part of its work as each stage is tapped (see the module docstring).
 
-    def __init__(self, pairs: str, direction: str):
-        self.pairs, self.direction = pairs, direction
+    ``at_tap(pos, feature, earlier)`` returns the stage's part (``earlier``: the parts of the stages tapped before it in
+    the same forward); ``loss(features, staged)`` finishes the loss from the maps and every stage's part. Called with
+    the maps alone, it computes the parts itself, in stage order.
+    """
 
-    def __call__(self, features: List[torch.Tensor]) -> torch.Tensor:
-        return inter_layer_loss(features, self.pairs, self.direction)
+    def at_tap(self, pos: int, feature: torch.Tensor, earlier: List[Any]) -> Any:
+        raise NotImplementedError
+
+    def loss(self, features: List[torch.Tensor], staged: List[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, features: List[torch.Tensor], staged: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        if staged is None:
+            staged = []
+            for pos, f in enumerate(features):
+                staged.append(self.at_tap(pos, f, staged))
+        return self.loss(features, list(staged))
 
 
-class IntraLayer:
-    """Intra-layer Tf-FD with one saliency function per stage (see ``timm_tffd.losses.intra``)."""
+class InterLayer(StagedLoss):
+    """Inter-layer Tf-FD over fixed pairs (see ``timm_tffd.losses.inter``): each pair's mse is computed when its later
+    stage is tapped, each student map pooled to its targets' sizes when it is tapped."""
 
-    def __init__(self, saliency, detach_salient: bool):
-        self.saliency, self.detach_salient = saliency, detach_salient
+    def __init__(self, pairs: str, direction: str, reductions: Sequence[int]):
+        inter_layer_pairs(len(reductions), pairs, direction)  # validates the names
+        self.pairs, self.direction, self.reductions = pairs, direction, list(reductions)
 
-    def __call__(self, features: List[torch.Tensor]) -> torch.Tensor:
-        return intra_layer_loss(features, self.saliency, self.detach_salient)
+    def at_tap(self, pos: int, feature: torch.Tensor, earlier: List[Any]) -> InterStage:
+        return inter_stage(pos, feature, earlier, self.pairs, self.direction, self.reductions)
+
+    def loss(self, features: List[torch.Tensor], staged: List[Any]) -> torch.Tensor:
+        return inter_from_stages(features, staged, self.pairs, self.direction)
+
+
+class IntraLayer(StagedLoss):
+    """Intra-layer Tf-FD with one saliency function per stage (see ``timm_tffd.losses.intra``); each stage's term is
+    computed when the stage is tapped.
+
+    Args:
+        saliency: A metric name, or one callable per stage.
+        detach_salient: Stop gradients into the salient half.
+        recompute: Recompute the channel differences in the backward from the maps (``intra_stage_loss``): right when
+            the maps are tensors the network keeps for its own backward, not for copies (pre-activation taps).
+    """
+
+    def __init__(self, saliency, detach_salient: bool, recompute: bool = True):
+        self.saliency, self.detach_salient, self.recompute = saliency, detach_salient, recompute
+
+    def at_tap(self, pos: int, feature: torch.Tensor, earlier: List[Any]) -> torch.Tensor:
+        fn = self.saliency if isinstance(self.saliency, str) else self.saliency[pos]
+        return intra_stage_loss(feature, fn, self.detach_salient, recompute=self.recompute)
+
+    def loss(self, features: List[torch.Tensor], staged: List[Any]) -> torch.Tensor:
+        return sum(staged) / len(staged)  # the order of intra_layer_loss's sum
 
 
 def _build_inter(ctx: MethodContext, pairs: str = 'all', direction: str = 'top-down') -> LossFn:
     _check_two_stages(ctx, 'inter-layer Tf-FD')
-    inter_layer_pairs(len(ctx.indices), pairs, direction)  # validates the names
-    return InterLayer(pairs, direction)
+    return InterLayer(pairs, direction, ctx.reductions)  # validates the names
 
 
 def _build_intra(ctx: MethodContext, saliency: str = 'norm', detach_salient: bool = False) -> LossFn:
     small = [m for m, c in zip(ctx.modules, ctx.channels) if c < 2]
     if small:
         raise ValueError(f'intra-layer Tf-FD needs at least 2 channels per stage; {small} have fewer')
+    recompute = not ctx.copies
     if saliency in MODEL_SALIENCY:
         fns = [bn_scale_saliency(ctx.model, m, c) for m, c in zip(ctx.modules, ctx.channels)]
-        return IntraLayer(fns, detach_salient)
+        return IntraLayer(fns, detach_salient, recompute)
     get_saliency(saliency)  # validates the name
-    return IntraLayer(saliency, detach_salient)
+    return IntraLayer(saliency, detach_salient, recompute)
 
 
 # Default weights: the reference code's argparse defaults (lambda_inter = 0.005, lambda_intra = 0.0004), which are

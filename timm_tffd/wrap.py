@@ -17,7 +17,7 @@ from timm.utils.model import unwrap_model
 
 from .features import FeatureTaps
 from .config import TfFDConfig
-from .methods import MethodContext, get_method
+from .methods import MethodContext, StagedLoss, get_method
 
 __all__ = ['wrap', 'unwrap', 'is_wrapped', 'get_tffd_state', 'record_forward', 'tapped_features',
            'nonfinite_stages', 'diagnose_nonfinite', 'TfFDState', 'TfFDStash']
@@ -47,6 +47,18 @@ class TfFDState:
         self.taps = taps
         self.methods = methods
         self.stash: Optional[TfFDStash] = None
+        self.staged = {name: fn for name, fn in methods.items() if isinstance(fn, StagedLoss)}
+        if self.staged:
+            taps.on_tap = self.at_tap
+
+    def at_tap(self, pos: int, feature: torch.Tensor, earlier: Dict[int, Dict[str, object]]) -> Dict[str, object]:
+        """The staged methods' parts of one stage, computed as it is tapped (``FeatureTaps.on_tap``; ``earlier``: the
+        parts of the stages tapped before it in this forward)."""
+        if len(earlier) != pos:
+            raise RuntimeError(f'{type(self.taps).__name__}: stage {self.taps.modules[pos]} ran before a shallower '
+                               f'tapped stage; Tf-FD needs the stages in forward order')
+        return {name: fn.at_tap(pos, feature, [earlier[p][name] for p in range(pos)])
+                for name, fn in self.staged.items()}
 
     def peek(self) -> Optional[TfFDStash]:
         """What the last training forward left, without taking it (``None`` once taken)."""
@@ -67,19 +79,32 @@ def _tffd_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state: TfFDState = getattr(self, _ATTR)
     if not self.training:
         return type(self).forward(self, x)
-    logits, feats = state.taps.forward(self, x)
-    record_forward(self, logits, feats)
+    staged = {}
+    logits, feats = state.taps.forward(self, x, staged)
+    record_forward(self, logits, feats, staged)
     return logits
 
 
-def record_forward(model: nn.Module, output, features: List[torch.Tensor]):
+def record_forward(
+        model: nn.Module,
+        output,
+        features: List[torch.Tensor],
+        staged: Optional[Dict[int, Dict[str, object]]] = None,
+):
     """Compute the Tf-FD terms of a training forward and leave them, with its ``output``, for ``TfFDLoss``.
 
     The wrapped ``forward`` calls it; so does a task that runs the model its own way (timm's feature distillation
-    applies the head itself) with the maps of ``get_tffd_state(model).taps.forward_features``.
+    applies the head itself) with the maps of ``get_tffd_state(model).taps.forward_features``. ``staged``: what the
+    taps' ``on_tap`` computed during that forward (``{position: {method: part}}``); without it, or in a forward that
+    did not tap with hooks, every term is computed from the maps here.
     """
     state = get_tffd_state(model)
-    terms = {name: fn(features) for name, fn in state.methods.items()}
+    terms = {}
+    for name, fn in state.methods.items():
+        if name in state.staged and staged:
+            terms[name] = fn(features, [staged[pos][name] for pos in range(len(features))])
+        else:
+            terms[name] = fn(features)
     state.stash = TfFDStash(output, terms, list(features))
 
 
@@ -121,7 +146,7 @@ def wrap(
     if 'forward' in vars(model):
         raise ValueError('model already has an instance-level forward; Tf-FD cannot wrap it')
     taps = FeatureTaps(model, config.stages, preact=config.preact)
-    ctx = MethodContext(model, taps.indices, taps.modules, taps.channels, taps.reductions)
+    ctx = MethodContext(model, taps.indices, taps.modules, taps.channels, taps.reductions, copies=taps.mode == 'preact')
     try:
         methods = {}
         for name in config.methods:

@@ -14,13 +14,13 @@ A run of consecutive equal-shape maps (the blocks of an isotropic model: ViT, De
 and the gradient reaching the student f_i is ``2 (n_i f_i - S_i) / N``, where S_i is the sum of its n_i targets (a
 suffix sum top-down, a prefix sum bottom-up, the sum of all others bidirectionally). See ``run_pair_mse``.
 """
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
-           'run_pair_mse', 'PAIRS', 'DIRECTIONS']
+           'run_pair_mse', 'inter_stage', 'inter_from_stages', 'InterStage', 'PAIRS', 'DIRECTIONS']
 
 PAIRS = ('all', 'adjacent')
 DIRECTIONS = ('top-down', 'bottom-up', 'bidirectional')
@@ -194,6 +194,86 @@ def _pair_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student.to(dtype), target.to(dtype))
 
 
+class InterStage(NamedTuple):
+    """What inter-layer Tf-FD computes as one stage is tapped (``inter_stage``)."""
+    feature: torch.Tensor
+    student: _Pooler  # the map, and the map pooled to its targets' sizes
+    target: _Pooler  # the detached map, pooled as targets need it
+    losses: Dict[Tuple[int, int], torch.Tensor]  # mse of the pairs whose later stage is this one
+
+
+def _same_shape(stages: Sequence[InterStage]) -> bool:
+    f = stages[0].feature
+    return all(st.feature.shape == f.shape and st.feature.dtype == f.dtype for st in stages[1:])
+
+
+def inter_stage(
+        pos: int,
+        feature: torch.Tensor,
+        earlier: Sequence[InterStage],
+        pairs: str = 'all',
+        direction: str = 'top-down',
+        reductions: Optional[Sequence[int]] = None,
+) -> InterStage:
+    """The part of the inter-layer loss that stage ``pos`` completes, computed as the stage is tapped.
+
+    Every (student, target) pair is computed at the later of its two stages, the first moment both maps exist: its
+    mse then sits in the autograd graph between those stages, and the backward pass forms its gradients when it
+    reaches them (docs/design.md, "Where the terms are computed"). The pairs of a run of equal-shape maps are left to
+    ``inter_from_stages`` (``run_pair_mse`` needs the whole run).
+
+    Args:
+        pos: The stage's position, shallow to deep.
+        feature: Its NCHW map.
+        earlier: The ``InterStage`` of positions ``0 .. pos - 1`` of the same forward.
+        pairs, direction: As in ``inter_layer_loss``.
+        reductions: The stages' ``feature_info`` reductions, or ``None``. With them, the map is pooled right away to
+            the sizes its deeper targets should have (its size divided by the integer ratio of the reductions), so that
+            the full-size gradient of that pooling is formed when the backward pass reaches this stage. A target of
+            another size is pooled from the map when its pair is computed; the values are the same either way.
+    """
+    student, target = _Pooler(feature), _Pooler(feature.detach())
+    num_stages = len(reductions) if reductions is not None else pos + 1
+    index_pairs = inter_layer_pairs(max(num_stages, 2), pairs, direction)
+    if reductions is not None:
+        h, w = feature.shape[-2:]
+        for s, t in index_pairs:
+            ratio = reductions[t] // reductions[s]
+            if s == pos and ratio > 1 and reductions[t] % reductions[s] == 0 and h % ratio == 0 and w % ratio == 0:
+                student((h // ratio, w // ratio))
+    stages = list(earlier) + [InterStage(feature, student, target, {})]
+    for s, t in index_pairs:
+        if max(s, t) != pos or (pairs == 'all' and _same_shape(stages[min(s, t):pos + 1])):
+            continue
+        fs, ft = stages[s].feature, stages[t].feature
+        size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+        c = min(fs.shape[1], ft.shape[1])
+        stages[pos].losses[(s, t)] = _pair_mse(stages[s].student(size)[:, :c], stages[t].target(size)[:, :c])
+    return stages[pos]
+
+
+def inter_from_stages(
+        features: Sequence[torch.Tensor],
+        stages: Sequence[InterStage],
+        pairs: str = 'all',
+        direction: str = 'top-down',
+) -> torch.Tensor:
+    """The inter-layer loss from the ``inter_stage`` parts of every stage: the runs of equal-shape maps
+    (``pairs='all'``) first, then the other pairs in ``inter_layer_pairs`` order, divided by the number of pairs."""
+    index_pairs = inter_layer_pairs(len(features), pairs, direction)
+    losses = {}
+    for st in stages:
+        losses.update(st.losses)
+    total = 0.
+    if pairs == 'all':
+        for a, b in equal_shape_runs(features):
+            total = total + run_pair_mse(features[a:b], direction)
+    for p in index_pairs:
+        if p in losses:
+            total = total + losses[p]
+    return total / len(index_pairs)
+
+
 def inter_layer_loss(
         features: Sequence[torch.Tensor],
         pairs: str = 'all',
@@ -206,14 +286,8 @@ def inter_layer_loss(
         pairs: ``'all'`` or ``'adjacent'`` (see ``inter_layer_pairs``).
         direction: ``'top-down'``, ``'bottom-up'`` or ``'bidirectional'``.
     """
-    index_pairs = inter_layer_pairs(len(features), pairs, direction)
-    total = 0.
-    rest = index_pairs
-    if pairs == 'all':
-        runs, rest = split_run_pairs(features, index_pairs)
-        for a, b in runs:
-            total = total + run_pair_mse(features[a:b], direction)
-    for _, _, student, target in aligned_pairs(features, rest):
-        c = min(student.shape[1], target.shape[1])
-        total = total + _pair_mse(student[:, :c], target[:, :c])
-    return total / len(index_pairs)
+    inter_layer_pairs(len(features), pairs, direction)  # validates
+    stages = []
+    for pos, f in enumerate(features):
+        stages.append(inter_stage(pos, f, stages, pairs, direction))
+    return inter_from_stages(features, stages, pairs, direction)

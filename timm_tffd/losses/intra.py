@@ -8,6 +8,7 @@ both halves by default; ``detach_salient=True`` makes the salient half a fixed t
 from typing import Callable, Sequence, Union
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .saliency import get_saliency
 
@@ -40,14 +41,27 @@ def intra_stage_loss(
         feature: torch.Tensor,
         saliency: Union[str, SaliencyFn] = 'norm',
         detach_salient: bool = False,
+        recompute: bool = False,
 ) -> torch.Tensor:
-    """Intra-layer loss of one NCHW map."""
+    """Intra-layer loss of one NCHW map.
+
+    Args:
+        feature: NCHW map.
+        saliency: A metric name or a callable ``f -> (C,) scores``.
+        detach_salient: Stop gradients into the salient half.
+        recompute: Keep nothing but the map (which the network keeps anyway) for the backward and recompute the
+            channel difference there (``torch.utils.checkpoint``): half a map less memory until the backward, one more
+            gather in it. Same values and gradients.
+    """
     half = feature.shape[1] // 2
     if half == 0:
         raise ValueError(f'intra-layer Tf-FD needs at least 2 channels, got a map of shape {tuple(feature.shape)}')
     fn = get_saliency(saliency) if isinstance(saliency, str) else saliency
     with torch.no_grad():
         order = fn(feature).argsort(descending=True)[:2 * half]
+    if recompute and feature.requires_grad:
+        return checkpoint(paired_channel_mse, feature, order[:half], order[half:], detach_salient,
+                          use_reentrant=False, preserve_rng_state=False)
     return paired_channel_mse(feature, order[:half], order[half:], detach_salient)
 
 
