@@ -185,6 +185,8 @@ HOOK_FAMILIES = {
     'cifar_resnet': lambda: timm.create_model('cifar_resnet8'),
     'cifar_wrn': lambda: timm.create_model('cifar_wrn_16_2'),
     'cifar_vgg': lambda: timm.create_model('cifar_vgg8'),
+    'vit': lambda: timm.create_model('test_vit', img_size=32),
+    'deit-distilled': lambda: timm.create_model('deit_tiny_distilled_patch16_224', img_size=32, depth=2),
 }
 
 

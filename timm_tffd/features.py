@@ -3,12 +3,13 @@
 Tf-FD (Li, ECCV 2022) needs the logits and a few stage outputs of the *same* forward pass. ``FeatureTaps`` resolves
 the stages from ``model.feature_info`` and captures them in one of three ways:
 
-* ``hooks``: forward hooks on the ``feature_info`` modules, whose outputs are the stage maps. The default for the
-  convolutional families listed in ``HOOK_MODELS`` (their hooked outputs are the very tensors that
-  ``forward_intermediates`` returns; tested) and for every model without ``forward_intermediates``;
+* ``hooks``: forward hooks on the ``feature_info`` modules, whose outputs are the stage maps (for timm's
+  ``VisionTransformer``, the blocks' patch tokens viewed as NCHW maps). The default for the families listed in
+  ``HOOK_MODELS`` (their hooked maps are the very tensors that ``forward_intermediates`` returns; tested) and for every
+  model without ``forward_intermediates``;
 * ``intermediates``: timm's ``forward_intermediates(x, indices)`` followed by ``forward_head`` (the default for every
-  other model that has it). Token models come back as NCHW maps; for ViT, DeiT, EVA, BEiT, CaiT, ConViT and the
-  relative-position ViTs these maps are views of the NLC tokens;
+  other model that has it). Token models come back as NCHW maps; for EVA, BEiT, CaiT, ConViT and the
+  relative-position ViTs (and ViT, DeiT in this mode) these maps are views of the NLC tokens;
 * ``preact``: forward pre-hooks on the activation that closes a ResNet-style stage (see ``closing_block``), which
   sees the stage output before its final ReLU. The ReLUs are in-place, so the hook stores a clone.
 
@@ -125,11 +126,12 @@ def _closing_act(model: nn.Module, module_name: str) -> nn.Module:
 # intermediates only (Swin, SAM ViT, ...) or another grid (MViTv2, XCiT, ...) are not listed.
 _TOKEN_VIEW_MODELS = (VisionTransformer, Eva, Beit, Cait, ConVit, VisionTransformerRelPos)
 
-# Families whose feature_info modules return the stage maps themselves (NCHW, nothing applied after them), so forward
-# hooks give exactly what forward_intermediates gives (tests/test_features.py checks each). Tapped with hooks by
+# Families whose feature_info modules return the stage maps themselves (NCHW, nothing applied after them; for timm's
+# VisionTransformer, its blocks' tokens, viewed as NCHW maps as below), so forward hooks give exactly what
+# forward_intermediates gives (tests/test_features.py checks each). Tapped with hooks by
 # default, except while gradient checkpointing is on: some of them then run their stages' blocks without calling the
 # stage module (timm's checkpoint_seq with flatten=True), so those forwards take forward_intermediates.
-HOOK_MODELS: List[type] = [ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet, CifarNet]
+HOOK_MODELS: List[type] = [ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet, CifarNet, VisionTransformer]
 
 
 class FeatureTaps:
@@ -178,7 +180,10 @@ class FeatureTaps:
         if mode not in ('intermediates', 'hooks', 'preact'):
             raise ValueError(f'unknown feature tap mode {mode!r}')
         self.mode = mode
-        self.token_grid = mode == 'intermediates' and isinstance(model, _TOKEN_VIEW_MODELS)
+        self.token_grid = isinstance(model, VisionTransformer if mode == 'hooks' else _TOKEN_VIEW_MODELS) \
+            and mode != 'preact'
+        self._prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
+        self._grid: Optional[Tuple[int, int]] = None
         self.on_tap: Optional[Callable[[int, torch.Tensor, Dict[int, Any]], Any]] = None
         self._buffer = {}
         self._staged: Optional[Dict[int, Any]] = None
@@ -203,6 +208,8 @@ class FeatureTaps:
 
     def _hook(self, pos: int, module: nn.Module, args, output):
         if self._active:
+            if self.token_grid:  # a ViT block's tokens: the patch tokens as an NCHW view, as in forward_features
+                output = self._token_view(output)
             if not torch.is_tensor(output) or output.ndim != 4:
                 raise ValueError(f'feature module {self.modules[pos]} returned {type(output).__name__} '
                                  f'{tuple(getattr(output, "shape", ()))}; Tf-FD needs NCHW maps')
@@ -245,14 +252,22 @@ class FeatureTaps:
             return self._run_hooked(type(model).forward_features, model, x, staged)
         if self.token_grid:
             final, feats = model.forward_intermediates(x, indices=self.indices, output_fmt='NLC')
-            h, w = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-            feats = [f.unflatten(1, (h, w)).permute(0, 3, 1, 2) for f in feats]  # NCHW views of the tokens
+            self._grid = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+            feats = [self._token_view(f, prefix=False) for f in feats]
         else:
             final, feats = model.forward_intermediates(x, indices=self.indices)
         return final, list(feats)
 
+    def _token_view(self, tokens: torch.Tensor, prefix: bool = True) -> torch.Tensor:
+        """NLC tokens (with the prefix tokens when ``prefix``) -> an NCHW view of the patch tokens."""
+        if prefix:
+            tokens = tokens[:, self._prefix_tokens:]
+        return tokens.unflatten(1, self._grid).permute(0, 3, 1, 2)
+
     def _run_hooked(self, fn, model: nn.Module, x: torch.Tensor, staged: Optional[Dict[int, Any]] = None):
         self._buffer.clear()
+        if self.token_grid:
+            self._grid = model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         self._active = True
         # a hook may fire inside a block that gradient checkpointing recomputes in the backward, and the recomputation
         # must save the same tensors as the forward: no work at tap time then (the terms are computed after it)
