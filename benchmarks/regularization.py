@@ -62,10 +62,10 @@ CONTROLS = ('label-smoothing', 'dropblock')
 MODES = {
     # 2,000 training images x 30 epochs: about 2 minutes a student run at one thread (measured), the teacher about 3x
     'testbed': dict(train=2000, val=2000, test=0, epochs=30, seeds=5, tune_seeds=2, scale_seeds=3, batch=128,
-                    lrs=LRS, scales=SCALES),
+                    lrs=LRS, scales=SCALES, wide_val=20000),
     # the smoke path of the tests: a few dozen images, one epoch
     'tiny': dict(train=48, val=32, test=64, epochs=1, seeds=2, tune_seeds=2, scale_seeds=2, batch=16,
-                 lrs=(0.2,), scales=SCALES),
+                 lrs=(0.2,), scales=SCALES, wide_val=32),
 }
 # the table's order: the question first (Tf-FD), then the self-regularizing alternatives, the teacher-based ones last
 TABLE_ORDER = ('tffd-inter+intra', 'tffd-inter+intra-xS', 'tffd-inter', 'tffd-intra', 'tffd+label-smoothing',
@@ -133,20 +133,37 @@ def _read_idx(path: str, labels: bool) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
 
 
-def split_indices(n_pool: int, n_train: int, n_val: int, seed: int = 0) -> Dict[str, List[int]]:
+def split_indices(n_pool: int, n_train: int, n_val: int, seed: int = 0, n_wide: int = 0) -> Dict[str, List[int]]:
     """Disjoint training subset and validation split of the training images ``range(n_pool)``, drawn once with a
-    fixed seed (the same for every training seed)."""
-    if n_train + n_val > n_pool:
-        raise ValueError(f'{n_train} + {n_val} images requested from a pool of {n_pool}')
+    fixed seed (the same for every training seed); with ``n_wide``, also ``validation-wide``: the next ``n_wide``
+    images of the same draw (the first two splits do not depend on it)."""
+    if n_train + n_val + n_wide > n_pool:
+        raise ValueError(f'{n_train} + {n_val} + {n_wide} images requested from a pool of {n_pool}')
     order = np.random.default_rng(seed).permutation(n_pool)
-    return {'train': sorted(order[:n_train].tolist()), 'validation': sorted(order[n_train:n_train + n_val].tolist())}
+    out = {'train': sorted(order[:n_train].tolist()), 'validation': sorted(order[n_train:n_train + n_val].tolist())}
+    if n_wide:
+        out['validation-wide'] = sorted(order[n_train + n_val:n_train + n_val + n_wide].tolist())
+    return out
+
+
+def _write_split(root: str, split: str, indices: Sequence[int], x: np.ndarray, y: np.ndarray) -> None:
+    """``root/split/<class>/<index>.png``, written to a temporary folder first and renamed into place."""
+    import shutil
+    from PIL import Image
+    tmp = os.path.join(root, split + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i in indices:
+        folder = os.path.join(tmp, str(int(y[i])))
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(x[i]).save(os.path.join(folder, f'{i:05d}.png'))
+    shutil.rmtree(os.path.join(root, split), ignore_errors=True)
+    os.replace(tmp, os.path.join(root, split))
 
 
 def prepare_testbed(src: str, root: str, n_train: int, n_val: int, n_test: int = 0, seed: int = 0) -> str:
     """Write the testbed as ImageFolder splits ``root/{train,validation,test}/<class>/<index>.png`` (the index into
     its IDX file) and ``root/manifest.json`` with the indices; reused when the manifest matches. ``n_test`` 0: the
     whole official test set. Returns ``root``."""
-    from PIL import Image
     spec = dict(source=os.path.abspath(src), n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
     manifest_path = os.path.join(root, 'manifest.json')
     if os.path.exists(manifest_path):
@@ -163,17 +180,29 @@ def prepare_testbed(src: str, root: str, n_train: int, n_val: int, n_test: int =
     splits['test'] = list(range(len(test_x) if not n_test else min(n_test, len(test_x))))
     for split, indices in splits.items():
         x, y = (test_x, test_y) if split == 'test' else (train_x, train_y)
-        tmp = os.path.join(root, split + '.tmp')
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        for i in indices:
-            folder = os.path.join(tmp, str(int(y[i])))
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(x[i]).save(os.path.join(folder, f'{i:05d}.png'))
-        shutil.rmtree(os.path.join(root, split), ignore_errors=True)
-        os.replace(tmp, os.path.join(root, split))
+        _write_split(root, split, indices, x, y)
     with open(manifest_path, 'w') as f:
         json.dump({'spec': spec, **splits}, f)
+    return root
+
+
+def prepare_wide_validation(src: str, root: str, n_train: int, n_val: int, n_wide: int, seed: int = 0) -> str:
+    """Write ``root/validation-wide``: ``n_wide`` more training images of the testbed's draw, disjoint from its
+    training subset, its validation split and the test set (``split_indices``), with ``root/wide_manifest.json``;
+    reused when the manifest matches. Returns ``root``."""
+    spec = dict(source=os.path.abspath(src), n_train=n_train, n_val=n_val, n_wide=n_wide, seed=seed)
+    manifest_path = os.path.join(root, 'wide_manifest.json')
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            if json.load(f).get('spec') == spec:
+                return root
+    raw = os.path.join(prepare_fashion_mnist(src, os.path.join(root, 'idx')), 'FashionMNIST', 'raw')
+    train_x, train_y = _read_idx(os.path.join(raw, 'train-images-idx3-ubyte'), False), \
+        _read_idx(os.path.join(raw, 'train-labels-idx1-ubyte'), True)
+    indices = split_indices(len(train_x), n_train, n_val, seed, n_wide)['validation-wide']
+    _write_split(root, 'validation-wide', indices, train_x, train_y)
+    with open(manifest_path, 'w') as f:
+        json.dump({'spec': spec, 'validation-wide': indices}, f)
     return root
 
 
@@ -252,7 +281,10 @@ class Stage:
         return os.path.join(self.records_dir, key + '.json')
 
     def record(self, config: str, seed: int, lr: float) -> Optional[dict]:
-        path = self.record_path(self.key(config, seed, lr))
+        return self._load(self.key(config, seed, lr))
+
+    def _load(self, key: str) -> Optional[dict]:
+        path = self.record_path(key)
         if not os.path.exists(path):
             return None
         with open(path) as f:
@@ -346,52 +378,110 @@ class Stage:
               f'train loss {rec["train_loss"]:.4f}  ({seconds:.0f} s + {eval_s:.0f} s evaluation)', flush=True)
         return rec
 
+    # the decisions on the wide validation split --------------------------------------------------------------
+    def decision_keys(self) -> List[str]:
+        """The runs every choice is made from: the learning-rate sweep, the positive control and the scale sweep."""
+        mode, keys = self.mode, []
+        if not self.args.lr:
+            keys += [self.key('baseline', s, lr) for lr in mode['lrs'] for s in range(mode['tune_seeds'])]
+        lr = self.lr_summary()['lr']
+        if lr is not None:
+            keys += [self.key(c, s, lr) for c in ['baseline'] + [c for c in CONTROLS if self.selected(c)]
+                     for s in range(mode['seeds'])]
+            if not self.args.tffd_scale:
+                keys += [self.key(scaled_name('tffd-inter+intra', sc), s, lr) for sc in mode['scales']
+                         for s in range(mode['scale_seeds'])]
+        return list(dict.fromkeys(keys))
+
+    def evaluate_wide(self) -> Dict[str, int]:
+        """Adds ``val_wide_top1`` (top-1 on the wide validation split) to each finished decision run's record, from
+        its final checkpoint (evaluation only; a record whose checkpoint is gone is left as it is)."""
+        counts = {'evaluated': 0, 'had': 0, 'no_checkpoint': 0, 'not_finished': 0}
+        for key in self.decision_keys():
+            path = self.record_path(key)
+            if not os.path.exists(path):
+                counts['not_finished'] += 1
+                continue
+            with open(path) as f:
+                rec = json.load(f)
+            if 'val_wide_top1' in rec:
+                counts['had'] += 1
+                continue
+            ckpt = os.path.join(self.run_dir(key), 'last.pth.tar')
+            if not os.path.exists(ckpt):
+                counts['no_checkpoint'] += 1
+                continue
+            rec['val_wide_top1'] = evaluate(ckpt, rec['model'], self.args.data_root, ('validation-wide',))[
+                'validation-wide']
+            with open(path + '.tmp', 'w') as f:
+                json.dump(rec, f, indent=1)
+            os.replace(path + '.tmp', path)
+            counts['evaluated'] += 1
+            print(f'{key}: wide validation top-1 {rec["val_wide_top1"]:.2f}', flush=True)
+        return counts
+
+    def wide_summary(self) -> Optional[dict]:
+        """The three decisions again, read from the wide validation split (None when no run has it)."""
+        keys = self.decision_keys()
+        have = [k for k in keys if 'val_wide_top1' in (self._load(k) or {})]
+        if not have:
+            return None
+        lr_state = self.lr_summary('val_wide_top1')
+        lr = self.lr_summary()['lr']  # the decisions stay those of the validation split; this checks them
+        return {'images': self.mode['wide_val'], 'runs': len(keys), 'evaluated': len(have), 'lr': lr_state,
+                'positive_control': self.control_summary(lr, 'val_wide_top1') if lr is not None else None,
+                'tffd_scale': self.scale_summary(lr, 'val_wide_top1') if lr is not None else None}
+
     # phases ---------------------------------------------------------------------------------------------------
     def selected(self, name: str) -> bool:
         return name == 'baseline' or not self.args.configs or name in self.args.configs
 
-    def lr_summary(self) -> dict:
+    def lr_summary(self, metric: str = 'val_top1') -> dict:
+        """The learning-rate phase's choice from the finished records; ``metric``: the validation top-1 it reads
+        (``val_wide_top1``: the same runs on the wide validation split)."""
         seeds = range(self.mode['tune_seeds'])
         if self.args.lr:
             return {'lr': self.args.lr, 'how': 'given (--lr)', 'values': {}}
-        runs = {lr: self.records('baseline', seeds, lr) for lr in self.mode['lrs']}
-        detail = {f'{lr:g}': dict(val_top1=[r['val_top1'] for r in runs[lr]],
+        runs = {lr: [r for r in self.records('baseline', seeds, lr) if metric in r] for lr in self.mode['lrs']}
+        detail = {f'{lr:g}': dict(val_top1=[r[metric] for r in runs[lr]],
                                   train_loss=[r['train_loss'] for r in runs[lr]],
                                   train_top1=[r['train_top1'] for r in runs[lr]]) for lr in self.mode['lrs']}
         if any(len(v) < len(seeds) for v in runs.values()):
             return {'lr': None, 'how': 'not all learning rates finished', 'values': detail}
-        chosen = choose({lr: [r['val_top1'] for r in runs[lr]] for lr in self.mode['lrs']})
+        chosen = choose({lr: [r[metric] for r in runs[lr]] for lr in self.mode['lrs']})
         return {'lr': chosen, 'how': f'highest mean final validation top-1 over seeds {list(seeds)}', 'values': detail}
 
-    def control_summary(self, lr: float) -> dict:
+    def control_summary(self, lr: float, metric: str = 'val_top1') -> dict:
         seeds = list(range(self.mode['seeds']))
         names = [c for c in CONTROLS if self.selected(c)]
         out = {'seeds': seeds, 'configs': {}, 'holds': None}
         for name in names:
-            common = [s for s in seeds if self.record(name, s, lr) and self.record('baseline', s, lr)]
+            common = [s for s in seeds if metric in (self.record(name, s, lr) or {})
+                      and metric in (self.record('baseline', s, lr) or {})]
             if not common:
                 continue
-            g = paired_gain([self.record(name, s, lr)['val_top1'] for s in common],
-                            [self.record('baseline', s, lr)['val_top1'] for s in common])
+            g = paired_gain([self.record(name, s, lr)[metric] for s in common],
+                            [self.record('baseline', s, lr)[metric] for s in common])
             out['configs'][name] = dict(n=len(common), **g)
         if len(out['configs']) == len(names) and all(v['n'] == len(seeds) for v in out['configs'].values()):
             out['holds'] = any(v['ci_low'] > 0 for v in out['configs'].values())
         return out
 
-    def scale_summary(self, lr: float) -> dict:
+    def scale_summary(self, lr: float, metric: str = 'val_top1') -> dict:
         if self.args.tffd_scale:
             return {'scale': self.args.tffd_scale, 'how': 'given (--tffd-scale)', 'values': {}}
         seeds = range(self.mode['scale_seeds'])
         names = [scaled_name('tffd-inter+intra', s) for s in self.mode['scales']]
         if not any(self.selected(n) for n in names):
             return {'scale': 1, 'how': 'not validated (no Tf-FD configuration selected)', 'values': {}}
-        runs = {sc: self.records(n, seeds, lr) for sc, n in zip(self.mode['scales'], names)}
-        base = [r['val_top1'] for r in self.records('baseline', seeds, lr)]
-        detail = {f'x{sc:g}': dict(val_top1=[r['val_top1'] for r in v], baseline_val_top1=base)
+        runs = {sc: [r for r in self.records(n, seeds, lr) if metric in r]
+                for sc, n in zip(self.mode['scales'], names)}
+        base = [r[metric] for r in self.records('baseline', seeds, lr) if metric in r]
+        detail = {f'x{sc:g}': dict(val_top1=[r[metric] for r in v], baseline_val_top1=base)
                   for sc, v in runs.items()}
         if any(len(v) < len(seeds) for v in runs.values()):
             return {'scale': None, 'how': 'not all scales finished', 'values': detail}
-        chosen = choose({sc: [r['val_top1'] for r in v] for sc, v in runs.items()})
+        chosen = choose({sc: [r[metric] for r in v] for sc, v in runs.items()})
         return {'scale': chosen, 'how': f'highest mean final validation top-1 over seeds {list(seeds)}',
                 'values': detail}
 
@@ -575,6 +665,7 @@ def write_regularization_report(stage: Stage) -> dict:
                  'remaining_s_estimate': remaining_s, 'student_run_s': per_run,
                  'teacher_run_s': per_teacher if teacher_s else None},
         'stopped': stage.stopped, 'failed': stage.failed, 'resume_command': args.resume_command,
+        'wide_validation': stage.wide_summary(),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f'{stage.stem}.json.tmp'), 'w') as f:
@@ -654,6 +745,7 @@ def _markdown(stage: Stage, result: dict, lr, scale) -> str:
                 lines.append(f'| {k} | {" / ".join(f"{x:.2f}" for x in v["val_top1"])} | '
                              f'{statistics.fmean(v["val_top1"]):.2f} | {statistics.fmean(b):.2f} |')
         lines.append('')
+    lines += _wide_text(result.get('wide_validation'), result)
     rows = result['configs']
     if rows:
         m = len(compared_names(stage, scale or 1))
@@ -698,6 +790,40 @@ def _markdown(stage: Stage, result: dict, lr, scale) -> str:
               'of the training loss per epoch, mean over seeds with the min-max spread shaded. Test top-1 is measured '
               'once, at the end of each run (the table), not per epoch.', '']
     return '\n'.join(lines)
+
+
+def _wide_text(wide: Optional[dict], result: dict) -> List[str]:
+    """The markdown section of the decisions read again from the wide validation split."""
+    if not wide:
+        return []
+    lines = ['## 3b. The same decisions on a wider validation split (evaluation only)', '',
+             f'The {wide["images"]:,}-image validation split is {wide["images"]:,} more training images of the same '
+             f'draw, disjoint from the training subset, the validation split and the test set; the final checkpoint '
+             f'of each run behind the decisions above is evaluated on it ({wide["evaluated"]} of {wide["runs"]} runs; '
+             f'`--wide-validation`). The decisions stay those of the validation split above; this only checks them '
+             f'with about ten times the images.', '']
+    lr_state = wide['lr']
+    if lr_state.get('values'):
+        means = {k: statistics.fmean(v['val_top1']) for k, v in lr_state['values'].items() if v['val_top1']}
+        lines.append('- Learning rate: mean wide-validation top-1 '
+                     + ', '.join(f'{k}: {v:.2f}' for k, v in means.items())
+                     + (f'; would choose **{lr_state["lr"]}** (chosen: {result["lr"]["lr"]}).' if lr_state['lr']
+                        else '.'))
+    control = wide['positive_control']
+    if control and control['configs']:
+        verdict = {True: '**holds**', False: '**does not hold**', None: 'not decided (runs missing)'}[control['holds']]
+        lines.append(f'- Positive control: {verdict} on the wide split: ' + '; '.join(
+            f'{k} {_fmt_gain(v)} (n = {v["n"]})' for k, v in control['configs'].items()) + '.')
+    scale_state = wide['tffd_scale']
+    if scale_state and scale_state.get('values'):
+        parts = [f'{k}: {statistics.fmean(v["val_top1"]):.2f}' for k, v in scale_state['values'].items()
+                 if v['val_top1']]
+        base = next((v['baseline_val_top1'] for v in scale_state['values'].values() if v['baseline_val_top1']), [])
+        lines.append('- Tf-FD weight scale: mean wide-validation top-1 ' + ', '.join(parts)
+                     + (f' (baseline, same seeds: {statistics.fmean(base):.2f})' if base else '')
+                     + (f'; would choose **x{scale_state["scale"]:g}** (chosen: x{result["tffd_scale"]["scale"]:g}).'
+                        if scale_state['scale'] and result['tffd_scale'] and result['tffd_scale']['scale'] else '.'))
+    return lines + ['']
 
 
 def _overfit_text(stage: Stage, lr) -> List[str]:
@@ -791,6 +917,9 @@ def main(argv=None) -> dict:
                         help='training outputs (checkpoints; not kept in git)')
     parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results'), help='report folder')
     parser.add_argument('--no-plots', action='store_true')
+    parser.add_argument('--wide-validation', action='store_true',
+                        help='also evaluate the final checkpoints of the runs behind each decision on a wider '
+                             'validation split (MODES[...]["wide_val"] more training images; evaluation only)')
     args = parser.parse_args(argv)
     args.configs = [c for c in args.configs.split(',') if c]
     known = set(configurations(10)) | {scaled_name('tffd+label-smoothing', s) for s in SCALES}
@@ -804,7 +933,8 @@ def main(argv=None) -> dict:
             skip = False
         elif a == '--no-start-after':
             skip = True
-        elif a not in ('--report-only', '--no-plots') and not a.startswith('--no-start-after='):
+        elif a not in ('--report-only', '--no-plots', '--wide-validation') \
+                and not a.startswith('--no-start-after='):
             kept.append(a)
     args.resume_command = ' '.join(['python benchmarks/regularization.py'] + kept)
     if args.threads:
@@ -824,6 +954,9 @@ def main(argv=None) -> dict:
         raise KeyboardInterrupt(f'signal {signum}')
     signal.signal(signal.SIGTERM, _terminate)
     stage = Stage(args)
+    if args.wide_validation:
+        prepare_wide_validation(args.fashion_mnist, args.data_root, mode['train'], mode['val'], mode['wide_val'])
+        print(f'wide validation: {stage.evaluate_wide()}', flush=True)
     try:
         result = stage.run()
     except KeyboardInterrupt:

@@ -140,6 +140,10 @@ def test_validation_split_disjoint_from_training_and_test(tmp_path):
     assert split == reg.split_indices(1000, 300, 200, seed=0)  # fixed: the same subset for every training seed
     with pytest.raises(ValueError):
         reg.split_indices(100, 80, 30)
+    wide = reg.split_indices(1000, 300, 200, seed=0, n_wide=400)
+    assert {k: wide[k] for k in ('train', 'validation')} == split  # the first two splits do not move
+    assert len(wide['validation-wide']) == 400
+    assert not set(wide['validation-wide']) & (set(split['train']) | set(split['validation']))
 
     src = _write_idx(str(tmp_path / 'src'), n_train=120, n_test=40)
     root = reg.prepare_testbed(src, str(tmp_path / 'data'), n_train=50, n_val=30, n_test=0)
@@ -196,3 +200,21 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     assert '4 of 4 runs' in md and 'label-smoothing' in md
     again = reg.main(argv)
     assert again['ran'] == 0 and again['configs']['label-smoothing']['gain'] == pytest.approx(row['gain'])
+
+    # the decisions read again on the wide validation split: evaluation of the same checkpoints, nothing trained
+    wide = reg.main(argv + ['--report-only', '--wide-validation'])
+    assert wide['ran'] == 0
+    root = tmp_path / 'data' / 'tiny'
+    wide_pngs = _pngs(root / 'validation-wide')
+    assert len(wide_pngs) == 32 and not wide_pngs & (_pngs(root / 'train') | _pngs(root / 'validation'))
+    recs = [json.load(open(tmp_path / 'out' / 'regularization_runs_tiny' / 'lr0.2' / f'{c}-seed{s}.json'))
+            for c in ('baseline', 'label-smoothing') for s in (0, 1)]
+    assert all(round(r['val_wide_top1'] * 32 / 100, 6) == int(round(r['val_wide_top1'] * 32 / 100)) for r in recs)
+    control = wide['wide_validation']['positive_control']['configs']['label-smoothing']
+    d = [recs[2]['val_wide_top1'] - recs[0]['val_wide_top1'], recs[3]['val_wide_top1'] - recs[1]['val_wide_top1']]
+    assert control['gain'] == pytest.approx(sum(d) / 2) and control['n'] == 2
+    assert wide['wide_validation']['evaluated'] == 4
+    assert 'wider validation split' in (tmp_path / 'out' / 'regularization_tiny.md').read_text()
+    mtime = os.path.getmtime(tmp_path / 'out' / 'regularization_runs_tiny' / 'lr0.2' / 'baseline-seed0.json')
+    reg.main(argv + ['--report-only', '--wide-validation'])  # evaluated once: the records are not rewritten
+    assert os.path.getmtime(tmp_path / 'out' / 'regularization_runs_tiny' / 'lr0.2' / 'baseline-seed0.json') == mtime
