@@ -445,6 +445,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=7, help='timed steps per configuration')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--no-memory', action='store_true', help='skip the per-process memory probes')
+    parser.add_argument('--no-time', action='store_true',
+                        help='memory probes only (they are deterministic, so they may run beside other work)')
     parser.add_argument('--json', default='', help='also write the results to this file')
     parser.add_argument('--trees', default='',
                         help=f'NAME=PATH,...: compare the {TREE_CONFIG} step with timm_tffd imported from each '
@@ -466,6 +468,8 @@ def main():
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
     args = parser.parse_args()
+    if args.no_time and args.no_memory:
+        parser.error('--no-time and --no-memory leave nothing to measure')
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(',')})  # inherited by the probe processes
         args.threads = args.threads or len(args.cpus.split(','))
@@ -510,9 +514,17 @@ def main():
         models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
     for model_name in models:
         model_configs = [c for c in configs if not (c in TEACHER_CONFIGS and model_name == TEACHER)]
+        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
+        if args.no_time:
+            for c in model_configs:
+                row = {'model': model_name, 'config': c, 'step_mb': mem[c]['step_mb'],
+                       'memory_ratio': mem[c]['step_mb'] / mem[baseline_of(c)]['step_mb']}
+                results.append(row)
+                print(f'| {model_name} | {c} | - | - | - | - | {row["step_mb"]:.0f} | {row["memory_ratio"]:.3f} |',
+                      flush=True)
+            continue
         times = measure_time(model_name, model_configs, args)
         teacher_step.setdefault(model_name, times['baseline']['median_s'])
-        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
         if args.floor:
             floors.append(floor_row(model_name, times, args))
         for c in model_configs:

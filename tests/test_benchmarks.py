@@ -1,5 +1,6 @@
 """The cost benchmarks' configurations build and run on tiny models (their timings are not tested)."""
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -127,3 +128,19 @@ def test_steal_share_from_proc_stat(tmp_path, monkeypatch):
     assert overhead.steal_share(None, 10.) is None
     stat.write_text('intr 1 2 3\n')
     assert overhead.steal_seconds() is None
+
+
+def test_memory_only_rows(tmp_path, monkeypatch, capsys):
+    """``--no-time``: the per-process memory probes alone, each configuration against its own baseline."""
+    out = tmp_path / 'mem.json'
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra',
+                                      '--batch-size', '2', '--img-size', '64', '--no-time', '--json', str(out)])
+    overhead.main()
+    rows = json.load(open(out))['results']
+    assert [r['config'] for r in rows] == ['baseline', 'inter+intra']
+    assert rows[0]['memory_ratio'] == 1 and rows[1]['memory_ratio'] == rows[1]['step_mb'] / rows[0]['step_mb']
+    assert all(r['step_mb'] > 0 and 'time_ratio' not in r for r in rows)
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--no-time', '--no-memory'])
+    with pytest.raises(SystemExit):
+        overhead.main()
+    assert 'nothing to measure' in capsys.readouterr().err
