@@ -6,8 +6,8 @@ builder names it, so ``wrap(model, 'inter,intra', pairs='adjacent', saliency='en
 
 A loss callable may also do per-stage work while the forward runs (``StagedLoss``): ``at_tap(position, feature,
 earlier)`` is called as each stage is tapped (when the taps use hooks) and the loss is then ``loss_fn(features,
-staged)`` with the list of what ``at_tap`` returned. Both ways give the same values; the staged one holds less memory in the backward
-(docs/design.md, "Where the terms are computed"). Inter and intra are staged.
+staged)`` with the list of what ``at_tap`` returned. Both ways give the same values; the staged one holds less memory
+in the backward (docs/design.md, "Where the terms are computed"). Inter and intra are staged.
 """
 import functools
 import inspect
