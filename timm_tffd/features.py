@@ -151,7 +151,8 @@ class FeatureTaps:
         mode: ``'intermediates'``, ``'hooks'`` or ``'preact'``.
         intermediates_fallback: ``hooks`` mode chosen for a ``HOOK_MODELS`` family: a forward with gradient
             checkpointing on runs ``forward_intermediates`` instead.
-        token_grid: The features are NCHW views of a token model's NLC intermediates.
+        token_grid: The features are NCHW views of a token model's NLC tokens (its intermediates, or in ``hooks``
+            mode its blocks' outputs).
         on_tap: ``None``, or ``on_tap(position, feature, staged)`` called in the forward as each stage is tapped
             (``hooks`` and ``preact`` modes; ``staged``: what it returned for the stages tapped before); what it returns
             is handed back through ``forward``'s ``staged`` argument.
