@@ -126,6 +126,7 @@ TREE_CONFIG = 'inter+intra-wrap'  # the training step that --trees runs in every
 
 
 COMPILED = '@compiled'  # suffix of a configuration whose task is compiled as the script's --torchcompile does
+TREE_STEPS = {'step': TREE_CONFIG, 'compiled': 'inter+intra' + COMPILED, 'terms': 'terms'}  # --tree-step: config
 
 
 def split_config(config: str) -> Tuple[str, bool]:
@@ -273,17 +274,16 @@ def serve(model_name: str, config: str, args):
 
 
 def measure_trees(model_name: str, trees: Dict[str, str], args) -> Dict[str, dict]:
-    """The same step (``TREE_CONFIG``, or its Tf-FD part alone with ``args.tree_step == 'terms'``) with ``timm_tffd``
-    from each source tree, one worker process per tree, timed round by round (ABBA order). Each tree's per-round
-    ratio and difference (seconds) to the tree before it (what the change between them buys) and its ratio to the
-    first tree, as medians with a bootstrap interval, in wall time and in the worker's CPU time (which other
-    processes on the machine inflate less), and the median step time."""
+    """The same step (``TREE_STEPS[args.tree_step]``: ``TREE_CONFIG``, the compiled task step, or the Tf-FD part
+    alone) with ``timm_tffd`` from each source tree, one worker process per tree, timed round by round (ABBA order).
+    Each tree's per-round ratio and difference (seconds) to the tree before it (what the change between them buys)
+    and its ratio to the first tree, as medians with a bootstrap interval, in wall time and in the worker's CPU time
+    (which other processes on the machine inflate less), and the median step time."""
     names = list(trees)
     workers = {}
     try:
         for n in names:  # one at a time: the warm-up steps do not overlap
-            workers[n] = TreeWorker(trees[n], model_name, 'terms' if args.tree_step == 'terms' else TREE_CONFIG,
-                                    args)
+            workers[n] = TreeWorker(trees[n], model_name, TREE_STEPS[args.tree_step], args)
         times = {n: [] for n in names}  # (wall, cpu) per round
         steal0, wall0 = steal_seconds(), time.perf_counter()
         for r in range(args.rounds):
@@ -320,7 +320,7 @@ def run_trees(trees: Dict[str, str], models, args) -> list:
         for n, tree in trees.items():
             r = res[n]
             mem = None if args.no_memory or args.tree_step == 'terms' \
-                else measure_memory(model_name, TREE_CONFIG, args, tree)['step_mb']
+                else measure_memory(model_name, TREE_STEPS[args.tree_step], args, tree)['step_mb']
             rows.append({'model': model_name, 'tree': n, 'path': tree, 'time_ms': r['median_s'] * 1e3, **r,
                          'step_mb': mem, 'steal_share': res['steal_share']})
             (lo, hi), (clo, chi) = r['vs_previous_ci95'], r['cpu_vs_previous_ci95']
@@ -451,9 +451,10 @@ def main():
     parser.add_argument('--trees', default='',
                         help=f'NAME=PATH,...: compare the {TREE_CONFIG} step with timm_tffd imported from each '
                              f'source tree (a folder holding a timm_tffd package), instead of --configs')
-    parser.add_argument('--tree-step', default='step', choices=('step', 'terms'),
-                        help='with --trees: time the whole training step, or its Tf-FD terms alone (forward and '
-                             'backward on leaves shaped like the taps, benchmarks/terms.py)')
+    parser.add_argument('--tree-step', default='step', choices=tuple(TREE_STEPS),
+                        help='with --trees: time the whole training step, the task step compiled (inter+intra'
+                             f'{COMPILED}), or the Tf-FD terms alone (forward and backward on leaves shaped like the '
+                             'taps, benchmarks/terms.py)')
     parser.add_argument('--probe', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
     parser.add_argument('--worker', nargs=2, metavar=('MODEL', 'CONFIG'), help=argparse.SUPPRESS)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice, or one '

@@ -42,6 +42,7 @@ class Tapped:
         self.model = model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
                                             else timm.create_model(model_name), 'inter,intra')
         model.train()
+        timm_tffd.get_tffd_state(model).keep_features = True
         with torch.no_grad():
             model(torch.randn(2, 3, img_size, img_size))  # 2: BatchNorm needs more than one value per channel
         feats = timm_tffd.get_tffd_state(model).take().features

@@ -421,6 +421,7 @@ def test_wrapped_model_terms_equal_plain_autograd(family):
     model, x = _create(family)
     model = timm_tffd.wrap(model, 'inter,intra')
     model.train()
+    timm_tffd.get_tffd_state(model).keep_features = True
     model(x)
     stash = timm_tffd.get_tffd_state(model).take()
     feats = stash.features
@@ -453,6 +454,7 @@ def test_terms_computed_at_tap_time_equal_plain_autograd(pairs, direction, size,
     state = timm_tffd.get_tffd_state(model)
     assert state.taps.mode == ('preact' if preact else 'hooks') and set(state.staged) == {'inter', 'intra'}
     assert state.methods['intra'].recompute is not preact  # a pre-activation copy is not kept by the network
+    state.keep_features = True
     model(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
     stash = state.take()
     feats = stash.features

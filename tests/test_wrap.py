@@ -166,6 +166,28 @@ def test_criterion_needs_fresh_training_forward():
         crit(out, target)
 
 
+def test_tapped_maps_are_kept_only_for_their_readers():
+    """By default the stash holds the terms alone (a compiled forward would otherwise have to hand the maps out);
+    ``keep_features`` adds the maps, and the readers that need them turn it on."""
+    model, x = _create('resnet')
+    wrap(model).train()
+    state = timm_tffd.get_tffd_state(model)
+    model(x)
+    assert state.peek().features is None and set(state.peek().terms) == {'inter', 'intra'}
+    with pytest.raises(RuntimeError, match='does not keep its tapped maps'):
+        timm_tffd.tapped_features(model)
+    TfFDLoss(nn.CrossEntropyLoss(), model)
+    assert not state.keep_features
+    TfFDLoss(nn.CrossEntropyLoss(), model, check_finite=True)
+    assert state.keep_features
+    model(x)
+    feats = timm_tffd.tapped_features(model)
+    assert [f.shape[1] for f in feats] == state.taps.channels
+    sfd_student, _ = _create('resnet')
+    timm_tffd.SFDTask(sfd_student, timm.create_model('test_resnet', num_classes=5), tffd='inter', verbose=False)
+    assert timm_tffd.get_tffd_state(sfd_student).keep_features
+
+
 def test_non_finite_features_are_reported():
     model, x = _create('resnet')
     wrap(model).train()
@@ -297,6 +319,33 @@ def test_task_compiles_without_graph_breaks(family):
         torch.testing.assert_close(compiled_params[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_wrapped_forward_left_out_of_compile_still_taps():
+    """Past dynamo's recompile limit (shared by every wrapped model: one ``_tffd_forward``; set to 1 here, 8 by
+    default) the wrapped forward runs uncompiled. Its network must then run uncompiled too: compiled as a frame of its
+    own, it would reuse the graph of the plain model of the same class compiled before, which has no Tf-FD hooks
+    (dynamo does not guard module hooks), and the taps would come back empty."""
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            plain, x = _create('vit')
+            torch.compile(plain.train(), backend='eager')(x)  # a hook-free graph of the ViT class
+            other, _ = _create('resnet')
+            torch.compile(wrap(other, 'inter').train(), backend='eager')(x)  # the wrapped forward's one graph
+            model, _ = _create('vit')
+            wrap(model, 'inter,intra', warmup_epochs=0).train()
+            reference = copy.deepcopy(model)
+            output = torch.compile(model, backend='eager')(x)  # recompile limit: the wrapped forward runs eagerly
+            terms = timm_tffd.get_tffd_state(model).take().terms
+    finally:
+        torch._dynamo.reset()
+    want_output = reference(x)
+    want_terms = timm_tffd.get_tffd_state(reference).take().terms
+    torch.testing.assert_close(output, want_output)
+    assert set(terms) == {'inter', 'intra'}
+    for name in terms:
+        torch.testing.assert_close(terms[name], want_terms[name])
+
+
 class _NoFeatureInfo(nn.Module):
     def forward(self, x):
         return x
@@ -390,6 +439,7 @@ def test_terms_backward_runs_when_the_network_backward_reaches_their_stage():
     # the same terms computed after the forward from the maps run first, before the network's backward
     order = []
     model.zero_grad()
+    state.keep_features = True
     out = model(x)
     feats = state.peek().features
     late = timm_tffd.intra_layer_loss(feats)

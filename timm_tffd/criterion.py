@@ -29,7 +29,8 @@ class TfFDLoss(nn.Module):
             ``TfFDConfig`` gives the weights and their schedule.
         check_finite: Raise ``FloatingPointError`` at once, naming the stages, when a Tf-FD term is not finite. It
             reads the terms on the host every step (a stall on GPU), so it is off by default: a training loop finds
-            non-finite terms where it reads its loss values anyway (the training script's log interval).
+            non-finite terms where it reads its loss values anyway (the training script's log interval). It also
+            makes the model keep its tapped maps for the message (``TfFDState.keep_features``).
     """
 
     def __init__(self, base_loss: nn.Module, model: nn.Module, check_finite: bool = False):
@@ -37,6 +38,8 @@ class TfFDLoss(nn.Module):
         self.base_loss = base_loss
         self.state = get_tffd_state(model)
         self.check_finite = check_finite
+        if check_finite:
+            self.state.keep_features = True
         self.epoch = 0.
 
     @property

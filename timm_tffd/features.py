@@ -134,6 +134,13 @@ _TOKEN_VIEW_MODELS = (VisionTransformer, Eva, Beit, Cait, ConVit, VisionTransfor
 HOOK_MODELS: List[type] = [ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet, CifarNet, VisionTransformer]
 
 
+@functools.lru_cache(maxsize=None)
+def _run_eagerly(fn: Callable) -> Callable:
+    """``fn`` (a model class's ``forward`` or ``forward_features``) with torch.compile off inside it; one wrapper per
+    function, made once (making one takes tens of microseconds, calling it under one)."""
+    return torch.compiler.disable(fn)
+
+
 class FeatureTaps:
     """Captures selected stage outputs and the logits in one forward pass.
 
@@ -273,6 +280,12 @@ class FeatureTaps:
         # a hook may fire inside a block that gradient checkpointing recomputes in the backward, and the recomputation
         # must save the same tensors as the forward: no work at tap time then (the terms are computed after it)
         self._staged = None if getattr(model, 'grad_checkpointing', False) else staged
+        if not torch.compiler.is_compiling():
+            # Run eagerly. Under torch.compile that means dynamo left the wrapped forward out (past its recompile limit,
+            # or at a graph break) and would compile the network's forward as a frame of its own, where it may reuse a
+            # graph compiled for the same class before these hooks existed (module hooks are not guarded): the
+            # network runs eagerly with the forward that calls it, so its hooks run.
+            fn = _run_eagerly(fn)
         try:
             out = fn(model, x)
         finally:

@@ -62,6 +62,7 @@ class SFDTrainableModule(FeatureDistillationTrainableModule):
                     f'SFD reads student stages {self.stages} from the Tf-FD taps of the same forward pass, but Tf-FD '
                     f'taps {tapped}; wrap the student with stages that include {missing}')
             self._tffd_positions = [tapped.index(s) for s in self.stages]
+            get_tffd_state(student).keep_features = True  # read by tapped_features after each forward
 
     def forward(
             self,
