@@ -324,6 +324,24 @@ def test_paired_channel_mse_gradients_match_autograd(layout, channels):
             assert (got[:, salient] == 0).all()
 
 
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('channels', [6, 7])
+def test_partner_mse_equals_paired_channel_mse(layout, channels):
+    """The pairing as an involution of the channels, each channel against its detached partner: the value and the
+    gradients of the pairs with both halves learning (autograd through both gathers)."""
+    from timm_tffd.losses.intra import paired_channel_mse, partner_mse
+    f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
+    salient, redundant = torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])
+    partner = torch.arange(channels)
+    partner[salient], partner[redundant] = redundant, salient  # with 7 channels, channel 3 is its own partner
+    want = paired_channel_mse(f, salient, redundant)
+    got = partner_mse(f, partner, 3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12, atol=0)
+    half = partner_mse(f.detach().half().requires_grad_(), partner, 3)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(want.item(), rel=1e-2)
+
+
 def test_inter_pooling_composes_for_non_integer_ratios():
     # 7x7 -> 3x3 is not an integer ratio: adaptive pooling is used, matching F.adaptive_avg_pool2d
     a, b = torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
