@@ -73,9 +73,9 @@ def intra_stage_loss(
         saliency: A metric name or a callable ``f -> (C,) scores``.
         detach_salient: Stop gradients into the salient half.
         recompute: Keep nothing but the map (which the network keeps anyway) for the backward and recompute the
-            channel difference there (``torch.utils.checkpoint``): half a map less memory until the backward. Eager,
-            the recomputed form is ``partner_mse`` (a faster backward); with ``detach_salient`` or under
-            ``torch.compile``, ``paired_channel_mse``. Same values and gradients.
+            channel difference there (``torch.utils.checkpoint``): half a map less memory until the backward. The
+            recomputed form is ``partner_mse`` (a faster backward); ``paired_channel_mse`` with ``detach_salient``,
+            and under ``torch.compile`` for channels-last maps. Same values and gradients.
     """
     half = feature.shape[1] // 2
     if half == 0:
@@ -86,9 +86,9 @@ def intra_stage_loss(
     salient, redundant = order[:half], order[half:]
     if not (recompute and feature.requires_grad):
         return paired_channel_mse(feature, salient, redundant, detach_salient)
-    if detach_salient or torch.compiler.is_compiling():
-        # compiled: inductor (CPU, torch 2.14.1) fails on partner_mse's recomputation inside some networks' backward
-        # (ConvNeXt: a KeyError in its C++ loop fusion), so the compiled step keeps the plain form
+    if detach_salient or (torch.compiler.is_compiling() and channels_last_map(feature)):
+        # compiled: inductor (CPU, torch 2.14.1) fails on partner_mse's recomputation inside ConvNeXt's backward (a
+        # KeyError in its C++ loop fusion), whose maps are channels-last views; those keep the plain form there
         return checkpoint(paired_channel_mse, feature, salient, redundant, detach_salient, use_reentrant=False,
                           preserve_rng_state=False)
     with torch.no_grad():  # each ranked channel's partner is the one ranked half the channels away
