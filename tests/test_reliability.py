@@ -42,8 +42,10 @@ def test_interrupt_exits_non_zero_and_resumes(run_train, tmp_path, sig, code):
     assert 'Final' not in stdout + stderr and 'Traceback' not in stderr
     assert f'Interrupted by {sig.name}' in stderr and '--resume' in stderr
     last = load_checkpoint(out / 'last.pth.tar')
-    rows = _rows(out)
-    assert [int(r['epoch']) for r in rows] == list(range(last['epoch'] + 1))
+    epochs = [int(r['epoch']) for r in _rows(out)]
+    # a signal between an epoch's summary row (written first) and its checkpoint leaves that one row ahead of
+    # last.pth.tar: the resume repeats the epoch and replaces the row (checked below)
+    assert epochs in (list(range(last['epoch'] + 1)), list(range(last['epoch'] + 2)))
     resumed = run_train(*TINY, '--epochs', str(last['epoch'] + 2), '--experiment', 'cut', '--resume',
                         out / 'last.pth.tar', '--output', tmp_path / 'out')
     assert [r['epoch'] for r in resumed.results] == [last['epoch'] + 1]
