@@ -354,7 +354,7 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
     same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
     Rounds alternate the order of the configurations (ABBA), so no configuration always runs first."""
-    torch._dynamo.reset()  # every model compiles afresh: the wrapped models of one process share dynamo's recompile
+    torch.compiler.reset()  # every model compiles afresh: the wrapped models of one process share dynamo's recompile
     # limit (one _tffd_forward), past which a wrapped forward runs uncompiled
     steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
                           channels_last=args.channels_last) for c in configs}

@@ -335,10 +335,10 @@ def test_partner_mse_equals_paired_channel_mse(layout, channels):
     partner = torch.arange(channels)
     partner[salient], partner[redundant] = redundant, salient  # with 7 channels, channel 3 is its own partner
     want = paired_channel_mse(f, salient, redundant)
-    got = partner_mse(f, partner, 3)
+    got = partner_mse(f, partner)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12, atol=0)
-    half = partner_mse(f.detach().half().requires_grad_(), partner, 3)
+    half = partner_mse(f.detach().half().requires_grad_(), partner)
     assert half.dtype == torch.float32 and half.item() == pytest.approx(want.item(), rel=1e-2)
 
 

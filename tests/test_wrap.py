@@ -324,7 +324,7 @@ def test_wrapped_forward_left_out_of_compile_still_taps():
     default) the wrapped forward runs uncompiled. Its network must then run uncompiled too: compiled as a frame of its
     own, it would reuse the graph of the plain model of the same class compiled before, which has no Tf-FD hooks
     (dynamo does not guard module hooks), and the taps would come back empty."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     try:
         with torch._dynamo.config.patch(recompile_limit=1):
             plain, x = _create('vit')
@@ -337,7 +337,7 @@ def test_wrapped_forward_left_out_of_compile_still_taps():
             output = torch.compile(model, backend='eager')(x)  # recompile limit: the wrapped forward runs eagerly
             terms = timm_tffd.get_tffd_state(model).take().terms
     finally:
-        torch._dynamo.reset()
+        torch.compiler.reset()
     want_output = reference(x)
     want_terms = timm_tffd.get_tffd_state(reference).take().terms
     torch.testing.assert_close(output, want_output)

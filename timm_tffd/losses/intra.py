@@ -38,7 +38,7 @@ def paired_channel_mse(
     return d.to(torch.promote_types(d.dtype, torch.float32)).square().mean()
 
 
-def partner_mse(f: torch.Tensor, partner: torch.Tensor, num_pairs: int) -> torch.Tensor:
+def partner_mse(f: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     """``paired_channel_mse`` with gradients into both halves, from the pairing as a permutation of the channels:
     ``partner[c]`` is the channel paired with ``c`` (``c`` itself for a channel left out). Same value and gradients.
 
@@ -51,11 +51,10 @@ def partner_mse(f: torch.Tensor, partner: torch.Tensor, num_pairs: int) -> torch
     Args:
         f: NCHW map.
         partner: ``(C,)`` channel indices, an involution.
-        num_pairs: Number of pairs (``C // 2``).
     """
     other = f[:, partner] if channels_last_map(f) else f.index_select(1, partner)  # the faster gather per layout
     dtype = torch.promote_types(f.dtype, torch.float32)  # float16 squares overflow above 65504
-    n = f.shape[0] * num_pairs * f.shape[2] * f.shape[3]
+    n = f.shape[0] * (f.shape[1] // 2) * f.shape[2] * f.shape[3]  # values in each half
     pairs = F.mse_loss(f.to(dtype), other.detach().to(dtype), reduction='sum') / (2 * n)
     return 2 * pairs - pairs.detach()
 
@@ -93,7 +92,7 @@ def intra_stage_loss(
                           preserve_rng_state=False)
     with torch.no_grad():  # each ranked channel's partner is the one ranked half the channels away
         partner = torch.arange(feature.shape[1], device=feature.device).index_copy_(0, order, order.roll(half))
-    return checkpoint(partner_mse, feature, partner, half, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(partner_mse, feature, partner, use_reentrant=False, preserve_rng_state=False)
 
 
 def intra_layer_loss(
