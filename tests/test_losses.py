@@ -327,17 +327,22 @@ def test_paired_channel_mse_gradients_match_autograd(layout, channels):
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('channels', [6, 7])
 def test_partner_mse_equals_paired_channel_mse(layout, channels):
-    """The pairing as an involution of the channels, each channel against its detached partner: the value and the
-    gradients of the pairs with both halves learning (autograd through both gathers)."""
+    """The pairing as an involution of the channels: the value and the gradients of the pairs (autograd through both
+    indexed halves), with both halves learning and with the salient half detached."""
     from timm_tffd.losses.intra import paired_channel_mse, partner_mse
     f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
     salient, redundant = torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])
     partner = torch.arange(channels)
     partner[salient], partner[redundant] = redundant, salient  # with 7 channels, channel 3 is its own partner
-    want = paired_channel_mse(f, salient, redundant)
-    got = partner_mse(f, partner)
-    assert got.item() == pytest.approx(want.item(), rel=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12, atol=0)
+    learns = torch.ones(channels, dtype=torch.float64)
+    learns[salient] = 0
+    for detach, mask in ((False, None), (True, learns)):
+        want = paired_channel_mse(f, salient, redundant, detach)
+        got = partner_mse(f, partner, mask)
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12,
+                                   atol=0)
+    assert torch.autograd.gradcheck(lambda x: partner_mse(x, partner), (f,))
     half = partner_mse(f.detach().half().requires_grad_(), partner)
     assert half.dtype == torch.float32 and half.item() == pytest.approx(want.item(), rel=1e-2)
 

@@ -5,10 +5,9 @@ channel ranked k + C//2 and the loss is ``mse(f[:, top_half], f[:, bottom_half])
 channel is left out. The layer loss is the mean over stages. As in the reference code's final version, gradients reach
 both halves by default; ``detach_salient=True`` makes the salient half a fixed target (an earlier reference commit).
 """
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .saliency import channels_last_map, get_saliency
@@ -38,25 +37,48 @@ def paired_channel_mse(
     return d.to(torch.promote_types(d.dtype, torch.float32)).square().mean()
 
 
-def partner_mse(f: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """``paired_channel_mse`` with gradients into both halves, from the pairing as a permutation of the channels:
-    ``partner[c]`` is the channel paired with ``c`` (``c`` itself for a channel left out). Same value and gradients.
+def _pair_count(f: torch.Tensor) -> int:
+    """Values in each half of a paired map: the mean of ``paired_channel_mse`` divides by it."""
+    return f.shape[0] * (f.shape[1] // 2) * f.shape[2] * f.shape[3]
 
-    Summed over every channel, ``||f_c - f_partner(c)||^2`` counts each pair twice; with the partner's map detached,
-    its gradient is the gradient of the pairs counted once (each channel gets from its own term what its pair gives
-    it). The loss is that sum halved in value, whole in gradient. Its backward is one elementwise pass over the map,
-    where the two gathers of ``paired_channel_mse`` scatter into two zeroed full-size maps: on resnet18's maps
-    (batch 16, 224 px, one CPU thread, the difference recomputed in the backward) the term costs 45% less.
+
+class _PartnerMSE(torch.autograd.Function):  # kept for its measured gain: docs/design.md, "Intra-layer pairs"
+    """``paired_channel_mse`` from the pairing as an involution of the channels; saves only the map."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.Tensor]):
+        ctx.save_for_backward(f, partner, learns)
+        d = f[:, partner].sub_(f)  # each channel's partner minus the channel; zero for a channel left out
+        total = torch.linalg.vector_norm(d, dtype=torch.promote_types(f.dtype, torch.float32)).square()
+        return total / (2 * _pair_count(f))  # every pair counted twice
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        f, partner, learns = ctx.saved_tensors
+        scale = grad * (-2. / _pair_count(f))  # d mse / d f_c = 2 (f_c - f_partner(c)) / n
+        if learns is not None:
+            scale = scale * learns.view(1, -1, 1, 1)
+        return f[:, partner].sub_(f).mul_(scale), None, None
+
+
+def partner_mse(f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``paired_channel_mse`` from the pairing as a permutation of the channels: ``partner[c]`` is the channel paired
+    with ``c`` (``c`` itself for a channel left out). Same value and gradients, float32 or wider.
+
+    Summed over every channel, ``||f_c - f_partner(c)||^2`` counts each pair twice, and the gradient of a pair's mse
+    reaching channel ``c`` is ``2 (f_c - f_partner(c)) / n``: one gather of the channels in partner order gives both,
+    in the forward and again in the backward, which saves nothing but the map (kept by the network anyway). Through
+    plain autograd the two indexed halves each zero-fill a full-size gradient and scatter into it, or, recomputed
+    under ``torch.utils.checkpoint``, the map is gathered and its difference materialized twice per pass: see
+    docs/design.md, "Intra-layer pairs", for what each form costs.
 
     Args:
         f: NCHW map.
         partner: ``(C,)`` channel indices, an involution.
+        learns: ``(C,)`` 1 for the channels that get gradients, 0 for the others (``detach_salient``: the salient
+            half); None: all of them.
     """
-    other = f[:, partner] if channels_last_map(f) else f.index_select(1, partner)  # the faster gather per layout
-    dtype = torch.promote_types(f.dtype, torch.float32)  # float16 squares overflow above 65504
-    n = f.shape[0] * (f.shape[1] // 2) * f.shape[2] * f.shape[3]  # values in each half
-    pairs = F.mse_loss(f.to(dtype), other.detach().to(dtype), reduction='sum') / (2 * n)
-    return 2 * pairs - pairs.detach()
+    return _PartnerMSE.apply(f, partner, learns)
 
 
 def intra_stage_loss(
@@ -72,9 +94,9 @@ def intra_stage_loss(
         saliency: A metric name or a callable ``f -> (C,) scores``.
         detach_salient: Stop gradients into the salient half.
         recompute: Keep nothing but the map (which the network keeps anyway) for the backward and recompute the
-            channel difference there (``torch.utils.checkpoint``): half a map less memory until the backward. The
-            recomputed form is ``partner_mse`` (a faster backward); ``paired_channel_mse`` with ``detach_salient``,
-            and under ``torch.compile`` for channels-last maps. Same values and gradients.
+            channel difference there: half a map less memory until the backward (``partner_mse``; under
+            ``torch.compile``, channels-last maps take ``paired_channel_mse`` under ``torch.utils.checkpoint``).
+            Without it, ``paired_channel_mse`` through plain autograd. Same values and gradients.
     """
     half = feature.shape[1] // 2
     if half == 0:
@@ -85,14 +107,17 @@ def intra_stage_loss(
     salient, redundant = order[:half], order[half:]
     if not (recompute and feature.requires_grad):
         return paired_channel_mse(feature, salient, redundant, detach_salient)
-    if detach_salient or (torch.compiler.is_compiling() and channels_last_map(feature)):
-        # compiled: inductor (CPU, torch 2.14.1) fails on partner_mse's recomputation inside ConvNeXt's backward (a
-        # KeyError in its C++ loop fusion), whose maps are channels-last views; those keep the plain form there
+    if torch.compiler.is_compiling() and channels_last_map(feature):
+        # inductor (CPU, torch 2.14.1) fails on partner_mse's backward inside ConvNeXt's (a KeyError in its C++ loop
+        # fusion), whose maps are channels-last; those keep the plain form, recomputed in the backward
         return checkpoint(paired_channel_mse, feature, salient, redundant, detach_salient, use_reentrant=False,
                           preserve_rng_state=False)
     with torch.no_grad():  # each ranked channel's partner is the one ranked half the channels away
         partner = torch.arange(feature.shape[1], device=feature.device).index_copy_(0, order, order.roll(half))
-    return checkpoint(partner_mse, feature, partner, use_reentrant=False, preserve_rng_state=False)
+        learns = None
+        if detach_salient:
+            learns = torch.ones(feature.shape[1], device=feature.device).index_fill_(0, salient, 0.)
+    return partner_mse(feature, partner, learns)
 
 
 def intra_layer_loss(
