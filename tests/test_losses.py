@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from timm_tffd import inter_layer_loss, intra_layer_loss, inter_layer_pairs
 from timm_tffd.losses.saliency import SALIENCY, bn_scale_saliency
+from timm_tffd.losses.intra import intra_stage_loss
 
 
 def _features(seed=0, shapes=((2, 4, 8, 8), (2, 6, 4, 4), (2, 8, 2, 2))):
@@ -340,11 +341,53 @@ def test_partner_mse_equals_paired_channel_mse(layout, channels):
         want = paired_channel_mse(f, salient, redundant, detach)
         got = partner_mse(f, partner, mask)
         assert got.item() == pytest.approx(want.item(), rel=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12,
-                                   atol=0)
+        want_grad = torch.autograd.grad(want, f)[0]
+        torch.testing.assert_close(torch.autograd.grad(got, f)[0], want_grad, rtol=1e-12, atol=0)
     assert torch.autograd.gradcheck(lambda x: partner_mse(x, partner), (f,))
-    half = partner_mse(f.detach().half().requires_grad_(), partner)
-    assert half.dtype == torch.float32 and half.item() == pytest.approx(want.item(), rel=1e-2)
+    half = f.detach().half().requires_grad_()
+    half_loss = partner_mse(half, partner, learns.float())
+    assert half_loss.dtype == torch.float32 and half_loss.item() == pytest.approx(want.item(), rel=1e-2)
+    half_grad = torch.autograd.grad(half_loss, half)[0]
+    assert half_grad.dtype == torch.float16
+    torch.testing.assert_close(half_grad.double(), want_grad, rtol=1e-2, atol=1e-3)  # the salient half: 0
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('channels', [6, 7])
+@pytest.mark.parametrize('detach_salient', [False, True])
+def test_recomputed_intra_stage_equals_definition(layout, channels, detach_salient):
+    """``intra_stage_loss`` as a wrapped model computes it (``recompute=True``: the pairing and the salient mask built
+    from the saliency order, then ``partner_mse``) against the definition by indexing and autograd."""
+    f = _as_layout(torch.randn(4, channels, 5, 3, dtype=torch.float64), layout).requires_grad_()
+    got = intra_stage_loss(f, 'norm', detach_salient, recompute=True)
+    want = _torch_intra([f], detach_salient)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0], rtol=1e-12, atol=0)
+
+
+def test_partner_mse_second_order_gradients():
+    from timm_tffd.losses.intra import partner_mse
+    f = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    partner = torch.tensor([3, 2, 1, 0, 4])  # channel 4 left out
+    learns = torch.tensor([1., 0., 1., 0., 1.], dtype=torch.float64)
+    for mask in (None, learns):
+        assert torch.autograd.gradgradcheck(lambda x: partner_mse(x, partner, mask), (f,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_partner_mse_float16_gradient_on_cuda():
+    """A float16 map's gradient is computed in float32 and rounded once. Here the scale, 2 / n times a small upstream
+    gradient, is below float16's smallest subnormal (1.45e-8), while the gradient itself is in float16's range: a
+    multiply by the scale rounded to float16 first would give zeros."""
+    from timm_tffd.losses.intra import partner_mse
+    f = torch.randn(6, 64, 60, 60, generator=torch.Generator().manual_seed(0)).mul_(3000.).cuda()
+    partner = torch.arange(64, device='cuda').view(32, 2).flip(1).flatten()
+    ref = f.double().requires_grad_()
+    want = torch.autograd.grad(partner_mse(ref, partner) * 0.005, ref)[0]
+    half = f.half().requires_grad_()
+    got = torch.autograd.grad(partner_mse(half, partner) * 0.005, half)[0]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-7)
 
 
 def test_inter_pooling_composes_for_non_integer_ratios():

@@ -55,7 +55,10 @@ class _PartnerMSE(torch.autograd.Function):  # kept for its measured gain: docs/
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         f, partner, learns = ctx.saved_tensors
-        scale = grad * (-2. / _pair_count(f))  # d mse / d f_c = 2 (f_c - f_partner(c)) / n
+        # d mse / d f_c = 2 (f_c - f_partner(c)) / n. A 4-d scale, not a 0-d one: by type promotion a 0-d operand
+        # takes a float16 map's dtype, and on CUDA it is rounded to it before the multiply (a large map's scale
+        # underflows); a 4-d float32 one makes the multiply float32 on every device
+        scale = (grad * (-2. / _pair_count(f))).view(1, 1, 1, 1)
         if learns is not None:
             scale = scale * learns.view(1, -1, 1, 1)
         return f[:, partner].sub_(f).mul_(scale), None, None
@@ -76,7 +79,7 @@ def partner_mse(f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.T
         f: NCHW map.
         partner: ``(C,)`` channel indices, an involution.
         learns: ``(C,)`` 1 for the channels that get gradients, 0 for the others (``detach_salient``: the salient
-            half); None: all of them.
+            half), on ``f``'s device, float32 or wider; None: all of them.
     """
     return _PartnerMSE.apply(f, partner, learns)
 
@@ -116,7 +119,8 @@ def intra_stage_loss(
         partner = torch.arange(feature.shape[1], device=feature.device).index_copy_(0, order, order.roll(half))
         learns = None
         if detach_salient:
-            learns = torch.ones(feature.shape[1], device=feature.device).index_fill_(0, salient, 0.)
+            learns = torch.ones(feature.shape[1], device=feature.device,
+                                dtype=torch.promote_types(feature.dtype, torch.float32)).index_fill_(0, salient, 0.)
     return partner_mse(feature, partner, learns)
 
 
