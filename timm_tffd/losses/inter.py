@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .saliency import accumulation_dtype
+
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
            'run_pair_mse', 'inter_stage', 'inter_from_stages', 'InterStage', 'PAIRS', 'DIRECTIONS']
 
@@ -129,14 +131,9 @@ def split_run_pairs(
     return runs, [p for p in index_pairs if not in_run(*p)]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float16 / bfloat16 maps (their squares overflow or round away), else the maps' own dtype."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _zeros(like: torch.Tensor) -> torch.Tensor:
     """A float32-or-wider accumulator for sums of maps like ``like``, in their memory layout."""
-    return torch.zeros_like(like, dtype=_accumulation_dtype(like.dtype), memory_format=torch.preserve_format)
+    return torch.zeros_like(like, dtype=accumulation_dtype(like.dtype), memory_format=torch.preserve_format)
 
 
 class _RunMSE(torch.autograd.Function):  # kept for its measured gain: docs/design.md
@@ -190,7 +187,7 @@ def run_pair_mse(features: Sequence[torch.Tensor], direction: str = 'top-down') 
 def _pair_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mse(student, target)`` accumulated in float32 at least (float16 squares overflow above 65504); the gradient
     has the student's dtype."""
-    dtype = _accumulation_dtype(student.dtype)
+    dtype = accumulation_dtype(student.dtype)
     return F.mse_loss(student.to(dtype), target.to(dtype))
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .saliency import channels_last_map, get_saliency
+from .saliency import accumulation_dtype, channels_last_map, get_saliency
 
 __all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse', 'partner_mse']
 
@@ -34,7 +34,7 @@ def paired_channel_mse(
     """
     target = f[:, salient]
     d = f[:, redundant] - (target.detach() if detach_salient else target)
-    return d.to(torch.promote_types(d.dtype, torch.float32)).square().mean()
+    return d.to(accumulation_dtype(d.dtype)).square().mean()
 
 
 def _pair_count(f: torch.Tensor) -> int:
@@ -49,7 +49,7 @@ class _PartnerMSE(torch.autograd.Function):  # kept for its measured gain: docs/
     def forward(ctx, f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.Tensor]):
         ctx.save_for_backward(f, partner, learns)
         d = f[:, partner].sub_(f)  # each channel's partner minus the channel; zero for a channel left out
-        total = torch.linalg.vector_norm(d, dtype=torch.promote_types(f.dtype, torch.float32)).square()
+        total = torch.linalg.vector_norm(d, dtype=accumulation_dtype(f.dtype)).square()
         return total / (2 * _pair_count(f))  # every pair counted twice
 
     @staticmethod
@@ -119,8 +119,8 @@ def intra_stage_loss(
         partner = torch.arange(feature.shape[1], device=feature.device).index_copy_(0, order, order.roll(half))
         learns = None
         if detach_salient:
-            learns = torch.ones(feature.shape[1], device=feature.device,
-                                dtype=torch.promote_types(feature.dtype, torch.float32)).index_fill_(0, salient, 0.)
+            learns = torch.ones(feature.shape[1], device=feature.device, dtype=accumulation_dtype(feature.dtype))
+            learns.index_fill_(0, salient, 0.)
     return partner_mse(feature, partner, learns)
 
 

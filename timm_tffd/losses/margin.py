@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .saliency import accumulation_dtype
+
 __all__ = ['bn_margin', 'gaussian_margin', 'margin_l2_loss', 'MarginL2Loss', 'EmpiricalMargin']
 
 # Below this probability of a negative response the conditional mean is numerically unreliable; the Overhaul reference
@@ -66,7 +68,7 @@ def margin_l2_loss(
     if student.shape != teacher.shape:
         raise ValueError(f'student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} '
                          f'differ in shape')
-    dtype = torch.promote_types(student.dtype, torch.float32)  # sums of many squares: float32 even under autocast
+    dtype = accumulation_dtype(student.dtype)  # sums of many squares: float32 even under autocast
     student = student.to(dtype)
     target = torch.maximum(teacher.detach().to(dtype), margin.to(dtype).view(1, -1, 1, 1))
     keep = (student > target) | (target > 0)  # complement of s <= t <= 0

@@ -26,6 +26,12 @@ __all__ = ['SALIENCY', 'get_saliency', 'bn_scale_saliency', 'BNScaleSaliency']
 _EPS = 1e-12
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 / bfloat16 maps (their squares overflow or round away), else the maps' own dtype: the dtype
+    the Tf-FD terms sum squares in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def channels_last_map(f: torch.Tensor) -> bool:
     """Whether an NCHW map is laid out channels last (channel stride 1), as the token views of ViT-family models."""
     return f.stride(1) == 1 and f.shape[1] > 1
