@@ -448,3 +448,32 @@ def test_terms_backward_runs_when_the_network_backward_reaches_their_stage():
     state.take()
     (F.cross_entropy(out, torch.arange(4) % 5) + late).backward()
     assert order == ['intra after the forward', 'layer2 map gradient complete']
+
+
+def test_run_gradients_are_formed_when_the_backward_reaches_their_block():
+    """A ViT's blocks are one run of equal-shape maps, whose pair sum is built as the blocks are tapped
+    (``RunSum``): each block's inter gradient is formed once the network's backward is inside the block above it, not
+    all at the start of the backward (docs/design.md, "Runs of equal-shape maps")."""
+    model, x = _create('deit')  # 3 blocks
+    wrap(model, 'inter', warmup_epochs=0).train()
+    state = timm_tffd.get_tffd_state(model)
+    events = []
+    at_tap = state.staged['inter'].at_tap
+
+    def recording(pos, feature, earlier):
+        alias = feature.view_as(feature)  # what inter sees: its gradient is inter's alone
+        alias.register_hook(lambda g: events.append(('inter', pos)))
+        return {'inter': at_tap(pos, alias, [earlier[p]['inter'] for p in range(pos)])}
+    state.taps.on_tap = recording
+
+    def attn_done(i):  # the backward reaches a block's attention after its MLP
+        def hook(module, args, out):
+            out.register_hook(lambda g: events.append(('attn', i)))
+        return hook
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_hook(attn_done(i))
+    result = TfFDLoss(nn.CrossEntropyLoss(), model).compute(model(x), torch.arange(4) % 5)
+    result['loss'].backward()
+    assert sorted(events) == [('attn', 0), ('attn', 1), ('attn', 2), ('inter', 0), ('inter', 1)]  # deepest: a target
+    assert events.index(('attn', 1)) < events.index(('inter', 0))
+    assert events.index(('attn', 2)) < events.index(('inter', 1))

@@ -7,12 +7,10 @@ pooling there is ``avg_pool2d`` with kernel = stride = size ratio, which ``adapt
 ratio is an integer and which it generalizes to the odd sizes that timm models produce at arbitrary input resolutions.
 
 A run of consecutive equal-shape maps (the blocks of an isotropic model: ViT, DeiT, ConvMixer...) with
-``pairs='all'`` is summed in O(L) instead of over its L(L-1)/2 pairs: with m the mean of the run's maps,
-
-    sum_{i<j} ||f_i - f_j||^2 = L * sum_i ||f_i - m||^2
-
-and the gradient reaching the student f_i is ``2 (n_i f_i - S_i) / N``, where S_i is the sum of its n_i targets (a
-suffix sum top-down, a prefix sum bottom-up, the sum of all others bidirectionally). See ``run_pair_mse``.
+``pairs='all'`` is summed in O(L) instead of over its L(L-1)/2 pairs, one map at a time as the maps are tapped (see
+``RunSum``): the value around the running mean, the gradients through running sums of the maps, so that the
+gradient reaching student i, ``2 (n_i f_i - S_i) / N`` (``S_i``: the sum of its n_i targets), is formed when the
+backward pass reaches it.
 """
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from .saliency import accumulation_dtype
 
 __all__ = ['inter_layer_loss', 'inter_layer_pairs', 'aligned_pairs', 'equal_shape_runs', 'split_run_pairs',
-           'run_pair_mse', 'inter_stage', 'inter_from_stages', 'InterStage', 'PAIRS', 'DIRECTIONS']
+           'run_pair_mse', 'RunSum', 'inter_stage', 'inter_from_stages', 'InterStage', 'PAIRS', 'DIRECTIONS']
 
 PAIRS = ('all', 'adjacent')
 DIRECTIONS = ('top-down', 'bottom-up', 'bidirectional')
@@ -131,57 +129,66 @@ def split_run_pairs(
     return runs, [p for p in index_pairs if not in_run(*p)]
 
 
-def _zeros(like: torch.Tensor) -> torch.Tensor:
-    """A float32-or-wider accumulator for sums of maps like ``like``, in their memory layout."""
-    return torch.zeros_like(like, dtype=accumulation_dtype(like.dtype), memory_format=torch.preserve_format)
+class RunSum:
+    """The sum over the (student, target) pairs of a run of equal-shape maps of ``||f_s - f_t.detach()||^2``, built
+    one map at a time (``add``), in O(L), through plain autograd.
 
+    With ``P`` and ``Q`` the sum of the k maps before ``f_k`` and of their squared norms, the pairs ``f_k`` makes with
+    them sum to ``Q - 2 <P, f_k> + k ||f_k||^2``. The gradients come from that form: top-down, ``f_k`` is the detached
+    target and ``P``, ``Q`` carry the students' gradients; bottom-up the reverse. Top-down, the products save only the
+    maps (kept by the network anyway), and the gradient of student i, ``2 (n_i f_i - S_i)`` (``S_i``: the sum of its
+    n_i targets), reaches it down the chains of sums when the backward pass gets there: nothing full-size waits from
+    the start of the backward. Bottom-up, each inner product saves its ``P``. The value is the same sum taken around
+    the mean ``m = P / k``, where no large terms cancel: ``W + k ||f_k - m||^2``, with ``W`` the earlier maps' spread
+    around ``m``, which then grows by ``k / (k + 1) ||f_k - m||^2`` (Welford's update).
+    """
 
-class _RunMSE(torch.autograd.Function):  # kept for its measured gain: docs/design.md
-    """Sum over the (student, target) pairs of a run of equal-shape maps of ``mse(f_s, f_t.detach())``, in O(L)."""
+    def __init__(self, direction: str = 'top-down'):
+        if direction not in DIRECTIONS:
+            raise ValueError(f'unknown inter-layer direction {direction!r}; choose from {", ".join(DIRECTIONS)}')
+        self.top_down = direction in ('top-down', 'bidirectional')
+        self.bottom_up = direction in ('bottom-up', 'bidirectional')
+        self.count = 0
+        self.maps = None  # P, float32 or wider
+        self.squares = None  # Q (top-down)
+        self.spread = None  # W
+        self.value = None  # the pair sum so far, without gradients
+        self.half_form = None  # half the expanded pair sum so far, for its gradients only
 
-    @staticmethod
-    def forward(ctx, direction: str, *feats):
-        ctx.direction = direction
-        ctx.save_for_backward(*feats)
-        mean = _zeros(feats[0])
-        for f in feats:
-            mean.add_(f)
-        mean.div_(len(feats))
-        spread = sum(torch.sub(f, mean).square_().sum() for f in feats)  # sum_i ||f_i - m||^2, no cancellation
-        pairs_sum = len(feats) * spread * (2 if direction == 'bidirectional' else 1)
-        return pairs_sum / feats[0].numel()
+    def add(self, f: torch.Tensor):
+        """Add the next (deeper) map of the run."""
+        k, fd = self.count, f.detach()
+        self.count += 1
+        # ||f||^2 as <f, f.detach()>: its gradient is f, half the square's; the product is float32 or wider (float16
+        # squares overflow above 65504) and saves only the map
+        square = (f.to(accumulation_dtype(f.dtype)) * fd).sum()
+        if k == 0:
+            self.maps, self.squares = f.to(square.dtype), square
+            self.spread = self.value = self.half_form = square.new_zeros(())
+            return
+        with torch.no_grad():
+            deviation = torch.linalg.vector_norm(torch.add(fd, self.maps, alpha=-1. / k), dtype=square.dtype).square()
+            self.value = self.value + (self.spread + k * deviation) * (self.top_down + self.bottom_up)
+            self.spread = self.spread + deviation * (k / (k + 1))
+        if self.top_down:
+            self.half_form = self.half_form + self.squares - (self.maps * fd).sum()
+            self.squares = self.squares + square
+        if self.bottom_up:
+            self.half_form = self.half_form + k * square - (self.maps.detach() * f).sum()
+        self.maps = self.maps + (f if self.top_down else fd)
 
-    @staticmethod
-    def backward(ctx, grad):
-        # student i with n_i targets summing to S_i: gradient s (n_i f_i - S_i), s = 2 grad / numel; the running sum
-        # is kept as -s S so that each gradient is one addcmul
-        feats = ctx.saved_tensors
-        n = len(feats)
-        scale = grad * (2. / feats[0].numel())
-        grads = [None] * n
-        neg_sum, neg_scale = _zeros(feats[0]), -scale
-        if ctx.direction == 'bidirectional':
-            for f in feats:
-                neg_sum.addcmul_(f, neg_scale)
-            for i, f in enumerate(feats):
-                if ctx.needs_input_grad[1 + i]:
-                    grads[i] = torch.addcmul(neg_sum, f, n * scale).to(f.dtype)
-            return (None,) + tuple(grads)
-        order = range(n - 1, -1, -1) if ctx.direction == 'top-down' else range(n)
-        for count, i in enumerate(order):  # count = targets of student i seen so far (deeper / shallower maps)
-            f = feats[i]
-            if ctx.needs_input_grad[1 + i] and count:  # the deepest (top-down) map is only a target: no gradient
-                grads[i] = torch.addcmul(neg_sum, f, count * scale).to(f.dtype)
-            neg_sum.addcmul_(f, neg_scale)
-        return (None,) + tuple(grads)
+    def loss(self) -> torch.Tensor:
+        """The pair sum: its value, with the gradients of the expanded form."""
+        return self.value + 2 * (self.half_form - self.half_form.detach())
 
 
 def run_pair_mse(features: Sequence[torch.Tensor], direction: str = 'top-down') -> torch.Tensor:
     """Sum over all (student, target) pairs of equal-shape ``features`` in ``direction`` of ``mse(f_s, f_t.detach())``
-    (see the module docstring), a scalar of float32 or wider; the gradients have the maps' dtype."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f'unknown inter-layer direction {direction!r}; choose from {", ".join(DIRECTIONS)}')
-    return _RunMSE.apply(direction, *features)
+    (``RunSum``), a scalar of float32 or wider; the gradients have the maps' dtype."""
+    run = RunSum(direction)
+    for f in features:
+        run.add(f)
+    return run.loss() / features[0].numel()
 
 
 def _pair_mse(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -197,6 +204,7 @@ class InterStage(NamedTuple):
     student: _Pooler  # the map, and the map pooled to its targets' sizes
     target: _Pooler  # the detached map, pooled as targets need it
     losses: Dict[Tuple[int, int], torch.Tensor]  # mse of the pairs whose later stage is this one
+    run: Optional[RunSum]  # with pairs='all', the run of equal-shape maps that this stage ends so far
 
 
 def _same_shape(stages: Sequence[InterStage]) -> bool:
@@ -216,8 +224,8 @@ def inter_stage(
 
     Every (student, target) pair is computed at the later of its two stages, the first moment both maps exist: its
     mse then sits in the autograd graph between those stages, and the backward pass forms its gradients when it
-    reaches them (docs/design.md, "Where the terms are computed"). The pairs of a run of equal-shape maps are left to
-    ``inter_from_stages`` (``run_pair_mse`` needs the whole run).
+    reaches them (docs/design.md, "Where the terms are computed"). A run of equal-shape maps (``pairs='all'``) is
+    summed by one ``RunSum`` that each of its stages adds its map to; ``inter_from_stages`` takes its loss.
 
     Args:
         pos: The stage's position, shallow to deep.
@@ -238,7 +246,14 @@ def inter_stage(
             ratio = reductions[t] // reductions[s]
             if s == pos and ratio > 1 and reductions[t] % reductions[s] == 0 and h % ratio == 0 and w % ratio == 0:
                 student((h // ratio, w // ratio))
-    stages = list(earlier) + [InterStage(feature, student, target, {})]
+    stages = list(earlier) + [InterStage(feature, student, target, {}, None)]
+    if pairs == 'all' and pos and _same_shape(stages[pos - 1:]):  # the stage continues a run (or makes one)
+        run = stages[pos - 1].run
+        if run is None:
+            run = RunSum(direction)
+            run.add(stages[pos - 1].feature)
+        run.add(feature)
+        stages[pos] = stages[pos]._replace(run=run)
     for s, t in index_pairs:
         if max(s, t) != pos or (pairs == 'all' and _same_shape(stages[min(s, t):pos + 1])):
             continue
@@ -264,7 +279,7 @@ def inter_from_stages(
     total = 0.
     if pairs == 'all':
         for a, b in equal_shape_runs(features):
-            total = total + run_pair_mse(features[a:b], direction)
+            total = total + stages[b - 1].run.loss() / features[a].numel()
     for p in index_pairs:
         if p in losses:
             total = total + losses[p]
