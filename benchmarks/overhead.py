@@ -43,6 +43,7 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
 """
 import argparse
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -222,6 +223,29 @@ def tree_env(tree: Optional[str] = None, **extra: str) -> dict:
     return env
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def steady_malloc() -> bool:
+    """For timing on the CPU: glibc's allocator with a fixed mmap threshold (32 MB, its largest) and no trimming of the
+    heap. By default glibc moves its mmap threshold as blocks are freed and gives the top of the heap back to the OS
+    past a threshold, so whether a step's tensors come from the heap or from fresh pages that fault in depends on
+    what ran before it in the process: of configurations interleaved in one process, the plain step read 8% slower
+    than the Tf-FD steps in one run. Fixed, a tensor up to 32 MB reuses heap memory in every configuration and a
+    larger one is mapped afresh in every configuration. Returns whether glibc took the settings."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def _malloc(args) -> str:
+    if getattr(args, 'steady_malloc', False):
+        return 'glibc malloc: mmap threshold 32 MB, no trim'
+    return 'allocator settings: default'
+
+
 def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
     env = tree_env(tree, MALLOC_MMAP_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--probe', model_name, config, '--batch-size',
@@ -241,6 +265,8 @@ class TreeWorker:
                str(args.batch_size), '--img-size', str(args.img_size), '--warmup', str(args.warmup)]
         if getattr(args, 'threads', None):
             cmd += ['--threads', str(args.threads)]
+        if getattr(args, 'default_malloc', False):
+            cmd += ['--default-malloc']
         self.proc = subprocess.Popen(cmd, env=tree_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         ready = self.proc.stdout.readline().split()  # 'ready PATH' once warmed up, PATH: the timm_tffd it imported
@@ -467,6 +493,8 @@ def main():
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--amp', action='store_true', help='autocast (float16 + GradScaler on CUDA, bfloat16 on CPU)')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help='time with glibc\'s default allocator settings (see steady_malloc)')
     parser.add_argument('--floor', action='store_true',
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
@@ -478,6 +506,8 @@ def main():
         args.threads = args.threads or len(args.cpus.split(','))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not (args.probe or args.default_malloc) and args.device == 'cpu':
+        args.steady_malloc = steady_malloc()  # this process and, through their own call, the tree workers
     if args.probe:
         print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size, args.device, args.amp,
                                       args.channels_last)))
@@ -488,7 +518,8 @@ def main():
     if args.trees:
         trees = dict(item.split('=', 1) for item in args.trees.split(','))
         print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-              f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, trees: {trees}\n')
+              f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, {_malloc(args)}, '
+              f'trees: {trees}\n')
         rows = run_trees(trees, args.models.split(','), args)
         if args.json:
             with open(args.json, 'w') as f:
@@ -504,7 +535,7 @@ def main():
         if baseline_of(c) not in configs:
             configs.insert(0, baseline_of(c))
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds\n')
+          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, {_malloc(args)}\n')
     results = []
     header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
               '| memory ratio |')
