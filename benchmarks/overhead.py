@@ -535,7 +535,8 @@ def main():
         if baseline_of(c) not in configs:
             configs.insert(0, baseline_of(c))
     print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, {_malloc(args)}\n')
+          f'batch {args.batch_size}, {args.img_size}px, '
+          + ('memory probes only\n' if args.no_time else f'{args.rounds} timed rounds, {_malloc(args)}\n'))
     results = []
     header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
               '| memory ratio |')
