@@ -9,6 +9,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   days). The table also gives the median step time. On a virtual machine the hypervisor can take CPU time from
   the guest (steal time, ``/proc/stat``); the share it took while each model's rounds ran is printed after the
   table (and stored in the JSON): where it is large, the intervals widen and the times are slower than the hardware.
+  On the CPU the timing process fixes glibc's allocator settings first (``steady_malloc``; ``--default-malloc``
+  leaves them), so that a configuration's time does not depend on the heap state the others left.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
