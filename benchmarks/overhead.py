@@ -31,6 +31,7 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
 
     python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
     python benchmarks/overhead.py --compiled --floor --cpus 0,1 --rounds 21
+    python benchmarks/overhead.py --configs baseline,baseline-copy,inter+intra --rounds 31   # with a control row
     python benchmarks/overhead.py --device cuda --amp --channels-last --compiled --floor --batch-size 128 --rounds 50
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
@@ -109,6 +110,9 @@ def _teacher() -> nn.Module:
 # configuration name -> task builder; each task's forward(input, target) returns a dict with 'loss'
 CONFIGS: Dict[str, Callable[[nn.Module], nn.Module]] = {
     'baseline': lambda model: ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False),
+    # the plain step again, on its own copy of the model: a control, whose ratio to the baseline shows what two
+    # identical steps differ by in this design (their models' memory placement, their place in the round)
+    'baseline-copy': lambda model: ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False),
     'inter': _tffd('inter'),
     'intra': _tffd('intra'),
     'inter+intra': _tffd('inter,intra'),

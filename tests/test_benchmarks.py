@@ -12,7 +12,7 @@ import torch
 import timm_tffd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import overhead, terms  # noqa: E402
+from benchmarks import ab_terms, overhead, terms  # noqa: E402
 from test_losses import _torch_intra, _torch_pairwise  # noqa: E402
 
 
@@ -101,6 +101,32 @@ def test_trees_compare_one_step_across_source_trees(tree_step, tmp_path):
     if tree_step == 'terms':
         with pytest.raises(RuntimeError, match='did not start from that tree'):
             overhead.TreeWorker(str(tmp_path / 'empty'), 'test_resnet', 'terms', args)
+
+
+@pytest.mark.parametrize('swap', sorted(ab_terms.SWAPS))
+def test_ab_terms_earlier_forms_compute_the_same_terms(swap):
+    """The earlier form that ``ab_terms`` swaps in is the same function (values and gradients of the terms, float32:
+    the CPU pooling form is float32-only), and a measurement leaves the library's own form in place."""
+    tapped = terms.Tapped('test_resnet', batch_size=2, img_size=64)
+    owner, attr, earlier = ab_terms.SWAPS[swap]
+    current = vars(owner)[attr]
+
+    def terms_and_grads():
+        out = tapped.terms(tapped.leaves)
+        total = out['inter'] + out['intra']
+        return [out['inter'].detach(), out['intra'].detach()] + list(torch.autograd.grad(total, tapped.leaves))
+
+    want = terms_and_grads()
+    setattr(owner, attr, earlier)
+    try:
+        got = terms_and_grads()
+    finally:
+        setattr(owner, attr, current)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+    res = ab_terms.measure('test_resnet', swap, argparse.Namespace(batch_size=2, img_size=64, rounds=2, warmup=0))
+    assert list(res) == list(ab_terms.RUNS) and res['current']['ratio'] == 1.
+    assert vars(owner)[attr] is current
 
 
 def test_median_interval():

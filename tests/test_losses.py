@@ -328,24 +328,20 @@ def test_paired_channel_mse_gradients_match_autograd(layout, channels):
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('channels', [6, 7])
 def test_partner_mse_equals_paired_channel_mse(layout, channels):
-    """The pairing as an involution of the channels: the value and the gradients of the pairs (autograd through both
-    indexed halves), with both halves learning and with the salient half detached."""
+    """The same arguments, value and gradients as autograd through both indexed halves, with both halves learning and
+    with the salient half detached, and with a channel left out (7 channels)."""
     from timm_tffd.losses.intra import paired_channel_mse, partner_mse
     f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
     salient, redundant = torch.tensor([4, 0, 6 if channels == 7 else 3]), torch.tensor([1, 5, 2])
-    partner = torch.arange(channels)
-    partner[salient], partner[redundant] = redundant, salient  # with 7 channels, channel 3 is its own partner
-    learns = torch.ones(channels, dtype=torch.float64)
-    learns[salient] = 0
-    for detach, mask in ((False, None), (True, learns)):
+    for detach in (False, True):
         want = paired_channel_mse(f, salient, redundant, detach)
-        got = partner_mse(f, partner, mask)
+        got = partner_mse(f, salient, redundant, detach)
         assert got.item() == pytest.approx(want.item(), rel=1e-12)
         want_grad = torch.autograd.grad(want, f)[0]
         torch.testing.assert_close(torch.autograd.grad(got, f)[0], want_grad, rtol=1e-12, atol=0)
-    assert torch.autograd.gradcheck(lambda x: partner_mse(x, partner), (f,))
+    assert torch.autograd.gradcheck(lambda x: partner_mse(x, salient, redundant), (f,))
     half = f.detach().half().requires_grad_()
-    half_loss = partner_mse(half, partner, learns.float())
+    half_loss = partner_mse(half, salient, redundant, True)
     assert half_loss.dtype == torch.float32 and half_loss.item() == pytest.approx(want.item(), rel=1e-2)
     half_grad = torch.autograd.grad(half_loss, half)[0]
     assert half_grad.dtype == torch.float16
@@ -368,10 +364,9 @@ def test_recomputed_intra_stage_equals_definition(layout, channels, detach_salie
 def test_partner_mse_second_order_gradients():
     from timm_tffd.losses.intra import partner_mse
     f = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
-    partner = torch.tensor([3, 2, 1, 0, 4])  # channel 4 left out
-    learns = torch.tensor([1., 0., 1., 0., 1.], dtype=torch.float64)
-    for mask in (None, learns):
-        assert torch.autograd.gradgradcheck(lambda x: partner_mse(x, partner, mask), (f,))
+    salient, redundant = torch.tensor([1, 3]), torch.tensor([2, 0])  # channel 4 left out
+    for detach in (False, True):
+        assert torch.autograd.gradgradcheck(lambda x: partner_mse(x, salient, redundant, detach), (f,))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -381,13 +376,38 @@ def test_partner_mse_float16_gradient_on_cuda():
     multiply by the scale rounded to float16 first would give zeros."""
     from timm_tffd.losses.intra import partner_mse
     f = torch.randn(6, 64, 60, 60, generator=torch.Generator().manual_seed(0)).mul_(3000.).cuda()
-    partner = torch.arange(64, device='cuda').view(32, 2).flip(1).flatten()
+    salient, redundant = torch.arange(0, 64, 2, device='cuda'), torch.arange(1, 64, 2, device='cuda')
     ref = f.double().requires_grad_()
-    want = torch.autograd.grad(partner_mse(ref, partner) * 0.005, ref)[0]
+    want = torch.autograd.grad(partner_mse(ref, salient, redundant) * 0.005, ref)[0]
     half = f.half().requires_grad_()
-    got = torch.autograd.grad(partner_mse(half, partner) * 0.005, half)[0]
+    got = torch.autograd.grad(partner_mse(half, salient, redundant) * 0.005, half)[0]
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-7)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('kernel', [(2, 2), (4, 4), (3, 3), (2, 3)])
+def test_block_mean_equals_average_pooling(layout, kernel):
+    """Inter's pooling (a depthwise convolution eager on the CPU in float32) against block means in float64 (numpy),
+    values and gradients, in every map layout, and under bfloat16 autocast (where a convolution would otherwise run in
+    bfloat16)."""
+    from timm_tffd.losses.inter import block_mean
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 12, 12, generator=g)
+    upstream = torch.randn(3, 5, 12 // kernel[0], 12 // kernel[1], generator=g)
+    size = (12 // kernel[0], 12 // kernel[1])
+    want = torch.from_numpy(_np_pool(base.double().numpy(), size))
+    # d sum(upstream * mean) / df: each value gets its block's upstream gradient over the block size
+    want_grad = upstream.double().repeat_interleave(kernel[0], 2).repeat_interleave(kernel[1], 3) / (
+        kernel[0] * kernel[1])
+    for autocast in (False, True):
+        f = _as_layout(base.clone(), layout).requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            got = block_mean(f, kernel)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        grad = torch.autograd.grad((got * upstream).sum(), f)[0]
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_inter_pooling_composes_for_non_integer_ratios():

@@ -43,14 +43,14 @@ def _pair_count(f: torch.Tensor) -> int:
 
 
 class _PartnerMSE(torch.autograd.Function):  # kept for its measured gain: docs/design.md, "Intra-layer pairs"
-    """``paired_channel_mse`` from the pairing as an involution of the channels; saves only the map."""
+    """``paired_channel_mse``, saving only the map and the pairing as an involution of the channels."""
 
     @staticmethod
-    def forward(ctx, f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.Tensor]):
+    def forward(ctx, f: torch.Tensor, salient: torch.Tensor, redundant: torch.Tensor, partner: torch.Tensor,
+                learns: Optional[torch.Tensor]):
         ctx.save_for_backward(f, partner, learns)
-        d = f[:, partner].sub_(f)  # each channel's partner minus the channel; zero for a channel left out
-        total = torch.linalg.vector_norm(d, dtype=accumulation_dtype(f.dtype)).square()
-        return total / (2 * _pair_count(f))  # every pair counted twice
+        d = f[:, redundant].sub_(f[:, salient])  # each pair once, from two half-size gathers
+        return torch.linalg.vector_norm(d, dtype=accumulation_dtype(f.dtype)).square() / _pair_count(f)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -61,27 +61,34 @@ class _PartnerMSE(torch.autograd.Function):  # kept for its measured gain: docs/
         scale = (grad * (-2. / _pair_count(f))).view(1, 1, 1, 1)
         if learns is not None:
             scale = scale * learns.view(1, -1, 1, 1)
-        return f[:, partner].sub_(f).mul_(scale), None, None
+        return f[:, partner].sub_(f).mul_(scale), None, None, None, None
 
 
-def partner_mse(f: torch.Tensor, partner: torch.Tensor, learns: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``paired_channel_mse`` from the pairing as a permutation of the channels: ``partner[c]`` is the channel paired
-    with ``c`` (``c`` itself for a channel left out). Same value and gradients, float32 or wider.
+def partner_mse(
+        f: torch.Tensor,
+        salient: torch.Tensor,
+        redundant: torch.Tensor,
+        detach_salient: bool = False,
+) -> torch.Tensor:
+    """``paired_channel_mse`` (same arguments, value and gradients; float32 or wider) that keeps nothing but the map
+    for the backward.
 
-    Summed over every channel, ``||f_c - f_partner(c)||^2`` counts each pair twice, and the gradient of a pair's mse
-    reaching channel ``c`` is ``2 (f_c - f_partner(c)) / n``: one gather of the channels in partner order gives both,
-    in the forward and again in the backward, which saves nothing but the map (kept by the network anyway). Through
-    plain autograd the two indexed halves each zero-fill a full-size gradient and scatter into it, or, recomputed
-    under ``torch.utils.checkpoint``, the map is gathered and its difference materialized twice per pass: see
-    docs/design.md, "Intra-layer pairs", for what each form costs.
-
-    Args:
-        f: NCHW map.
-        partner: ``(C,)`` channel indices, an involution.
-        learns: ``(C,)`` 1 for the channels that get gradients, 0 for the others (``detach_salient``: the salient
-            half), on ``f``'s device, float32 or wider; None: all of them.
+    The forward gathers the two halves (half-size temporaries). The backward forms the gradient from the pairing as a
+    permutation of the channels, ``partner[c]`` the channel paired with ``c`` (``c`` itself for a channel left out):
+    the gradient of a pair's mse reaching channel ``c`` is ``2 (f_c - f_partner(c)) / n``, one gather of the channels
+    in partner order. Through plain autograd the two indexed halves each zero-fill a full-size gradient and scatter
+    into it, and the difference is kept until the backward; recomputed under ``torch.utils.checkpoint``, the map is
+    gathered and its difference materialized twice per pass: see docs/design.md, "Intra-layer pairs", for what each
+    form costs.
     """
-    return _PartnerMSE.apply(f, partner, learns)
+    with torch.no_grad():
+        partner = torch.arange(f.shape[1], device=f.device)
+        partner.index_copy_(0, salient, redundant).index_copy_(0, redundant, salient)
+        learns = None
+        if detach_salient:  # 1 for the channels that get gradients, float32 or wider
+            learns = torch.ones(f.shape[1], device=f.device, dtype=accumulation_dtype(f.dtype))
+            learns.index_fill_(0, salient, 0.)
+    return _PartnerMSE.apply(f, salient, redundant, partner, learns)
 
 
 def intra_stage_loss(
@@ -115,13 +122,7 @@ def intra_stage_loss(
         # fusion), whose maps are channels-last; those keep the plain form, recomputed in the backward
         return checkpoint(paired_channel_mse, feature, salient, redundant, detach_salient, use_reentrant=False,
                           preserve_rng_state=False)
-    with torch.no_grad():  # each ranked channel's partner is the one ranked half the channels away
-        partner = torch.arange(feature.shape[1], device=feature.device).index_copy_(0, order, order.roll(half))
-        learns = None
-        if detach_salient:
-            learns = torch.ones(feature.shape[1], device=feature.device, dtype=accumulation_dtype(feature.dtype))
-            learns.index_fill_(0, salient, 0.)
-    return partner_mse(feature, partner, learns)
+    return partner_mse(feature, salient, redundant, detach_salient)
 
 
 def intra_layer_loss(
