@@ -87,9 +87,9 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = 'glibc malloc: mmap threshold 32 MB, no trim' if overhead.steady_malloc() else 'default allocator'
+    args.steady_malloc = overhead.steady_malloc()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
-          f'{args.img_size} px, {args.rounds} rounds, {malloc}, swap {args.swap}\n')
+          f'{args.img_size} px, {args.rounds} rounds, {overhead._malloc(args)}, swap {args.swap}\n')
     print('| model | run | terms time (ms) | vs current | 95% interval |\n|---|---|---:|---:|---:|')
     for model_name in args.models.split(','):
         res = measure(model_name, args.swap, args)
