@@ -9,12 +9,15 @@ ratios with a bootstrap 95% interval, and the second run of each form shows what
 
 Earlier forms (``--swap``):
 
-* ``avg_pool2d``: inter pools with ``F.avg_pool2d`` everywhere, instead of ``inter.block_mean``'s depthwise
-  convolution on the CPU;
+* ``avg_pool2d``: inter pools with ``F.avg_pool2d`` everywhere, instead of ``inter.block_mean``'s matrix product on
+  the CPU;
+* ``depthwise-conv``: inter pools a float32 map on the CPU by a depthwise convolution with weights ``1 / (kh * kw)``
+  (stride = kernel), the form before the matrix product;
 * ``whole-gather``: intra's forward gathers the whole map in partner order and halves the squared norm of
   ``f[:, partner] - f`` (every pair counted twice), instead of gathering the two halves.
 
     python benchmarks/ab_terms.py --swap avg_pool2d --models resnet50,resnet18 --rounds 41
+    python benchmarks/ab_terms.py --swap depthwise-conv --models resnet50,resnet18 --rounds 41 --threads 2
     python benchmarks/ab_terms.py --swap whole-gather --rounds 41 --threads 2
 """
 import argparse
@@ -39,9 +42,18 @@ def _whole_gather_forward(ctx, f, salient, redundant, partner, learns):
     return total / (2 * intra._pair_count(f))
 
 
+def _conv_block_mean(x, kernel):
+    if x.device.type != 'cpu' or x.dtype != torch.float32:
+        return F.avg_pool2d(x, kernel)
+    weight = x.new_full((x.shape[1], 1) + tuple(kernel), 1. / (kernel[0] * kernel[1]))
+    with torch.autocast('cpu', enabled=False):
+        return F.conv2d(x, weight, stride=kernel, groups=x.shape[1])
+
+
 # name -> (object, attribute, earlier form)
 SWAPS = {
     'avg_pool2d': (inter, 'block_mean', lambda x, kernel: F.avg_pool2d(x, kernel)),
+    'depthwise-conv': (inter, 'block_mean', _conv_block_mean),
     'whole-gather': (intra._PartnerMSE, 'forward', staticmethod(_whole_gather_forward)),
 }
 RUNS = ('current', 'earlier', 'current#2', 'earlier#2')

@@ -12,7 +12,7 @@ import torch
 import timm_tffd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import ab_terms, overhead, terms  # noqa: E402
+from benchmarks import ab_terms, overhead, pooling, terms  # noqa: E402
 from test_losses import _torch_intra, _torch_pairwise  # noqa: E402
 
 
@@ -127,6 +127,19 @@ def test_ab_terms_earlier_forms_compute_the_same_terms(swap):
     res = ab_terms.measure('test_resnet', swap, argparse.Namespace(batch_size=2, img_size=64, rounds=2, warmup=0))
     assert list(res) == list(ab_terms.RUNS)
     assert vars(owner)[attr] is current
+
+
+def test_pooling_forms_agree_and_are_timed():
+    """``pooling.py``'s forms pool to the same values (its ``max_abs_diff`` against ``avg_pool2d``, checked here
+    against an independent block mean), with a time for each pass."""
+    assert pooling.parse_shape('2x3x8x12/2') == ((2, 3, 8, 12), (2, 2))
+    res = pooling.measure((2, 3, 8, 12), (2, 2), rounds=2, warmup=0)
+    assert list(res) == list(pooling.FORMS)
+    x = torch.randn(2, 3, 8, 12)
+    want = x.view(2, 3, 4, 2, 6, 2).mean((3, 5))
+    for name, fn in pooling.FORMS.items():
+        torch.testing.assert_close(fn(x, (2, 2)), want, rtol=1e-6, atol=1e-6, msg=name)
+        assert res[name]['max_abs_diff'] < 1e-6 and res[name]['forward_ms'] > 0 and res[name]['backward_ms'] > 0
 
 
 def test_median_interval():

@@ -386,11 +386,11 @@ def test_partner_mse_float16_gradient_on_cuda():
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
-@pytest.mark.parametrize('kernel', [(2, 2), (4, 4), (3, 3), (2, 3)])
+@pytest.mark.parametrize('kernel', [(2, 2), (1, 2), (2, 1), (4, 4), (3, 3), (2, 3)])
 def test_block_mean_equals_average_pooling(layout, kernel):
-    """Inter's pooling (a depthwise convolution eager on the CPU in float32) against block means in float64 (numpy),
-    values and gradients, in every map layout, and under bfloat16 autocast (where a convolution would otherwise run in
-    bfloat16)."""
+    """Inter's pooling (a matrix product eager on the CPU in float32 for blocks up to 2 x 2, else ``avg_pool2d``)
+    against block means in float64 (numpy), values and gradients, in every map layout, and under bfloat16 autocast
+    (where a matrix product would otherwise run in bfloat16)."""
     from timm_tffd.losses.inter import block_mean
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 5, 12, 12, generator=g)
