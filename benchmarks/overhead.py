@@ -32,7 +32,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
     python benchmarks/overhead.py                       # resnet18, resnet50, vit_small at 224px, batch 16
     python benchmarks/overhead.py --compiled --floor --cpus 0,1 --rounds 21
     python benchmarks/overhead.py --configs baseline,baseline-copy,inter+intra --rounds 31   # with a control row
-    python benchmarks/overhead.py --device cuda --amp --channels-last --compiled --floor --batch-size 128 --rounds 50
+    python benchmarks/overhead.py --device cuda --amp --channels-last --compiled --floor --batch-size 256 --rounds 50 \
+        --configs baseline,baseline-copy,inter,intra,inter+intra
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
 

@@ -8,6 +8,7 @@ untouched.
 """
 import copy
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -142,7 +143,7 @@ def wrap(
     """
     if isinstance(tffd, TfFDConfig):
         given = dict(stages=stages, preact=preact, weights=weights, warmup_epochs=warmup_epochs, decay=decay)
-        defaults = dict(stages=None, preact=False, weights=None, warmup_epochs=20, decay=None)
+        defaults = {k: p.default for k, p in inspect.signature(wrap).parameters.items() if k in given}
         if options or given != defaults:
             raise ValueError('wrap() takes either a TfFDConfig or separate settings, not both')
         config = tffd
