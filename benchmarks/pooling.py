@@ -1,9 +1,11 @@
 """Time of inter's pooling alone (forward, backward) in each of its forms, on the maps a ResNet's taps pool, CPU.
 
 Forms: ``avg_pool2d`` (ATen's kernels), ``depthwise-conv`` (oneDNN's depthwise convolution with weights
-``1 / (kh * kw)``, the library's form before), ``block_mean`` (the library's form: ``timm_tffd.losses.inter``). Each
-shape runs every form round after round, in turn, on one map and one upstream gradient; the table gives median
-milliseconds of the forward and of the backward. A micro-benchmark: what the pooling costs inside the terms is
+``1 / (kh * kw)``, the library's form before), ``product`` (the matrix product, forced on every block and width),
+``block_mean`` (the library's choice between the product and ``avg_pool2d``: ``timm_tffd.losses.inter``). Each
+shape runs every form round after round, in turn (the order rotated every round), on one map and one upstream
+gradient; the table gives median milliseconds of the forward and of the backward, and the largest difference of each
+form's values from ``avg_pool2d``'s. A micro-benchmark: what the pooling costs inside the terms is
 ``ab_terms.py``'s to say (``--swap avg_pool2d``, ``--swap depthwise-conv``).
 
     python benchmarks/pooling.py --threads 2
@@ -19,7 +21,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from timm_tffd.losses.inter import block_mean
+from timm_tffd.losses.inter import _block_mean_by_product, block_mean
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
 from benchmarks import overhead  # noqa: E402
@@ -28,6 +30,7 @@ from benchmarks.ab_terms import _conv_block_mean  # noqa: E402
 FORMS = {
     'avg_pool2d': lambda x, kernel: F.avg_pool2d(x, kernel),
     'depthwise-conv': _conv_block_mean,
+    'product': _block_mean_by_product,
     'block_mean': block_mean,
 }
 # resnet50's and resnet18's maps at batch 16, 224 px, and the 2 x 2 pooling of each to the next stage's size; then
@@ -50,8 +53,10 @@ def measure(shape: Tuple[int, ...], kernel: Tuple[int, int], rounds: int, warmup
     want = F.avg_pool2d(x.detach(), kernel)
     upstream = torch.randn(want.shape, generator=g)
     times: Dict[str, List[Tuple[float, float]]] = {name: [] for name in FORMS}
+    names = list(FORMS)
     for r in range(warmup + rounds):
-        for name, fn in FORMS.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = FORMS[name]
             t0 = time.perf_counter()
             y = fn(x, kernel)
             t1 = time.perf_counter()
@@ -79,13 +84,14 @@ def main():
     args.steady_malloc = overhead.steady_malloc()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, '
           f'{overhead._malloc(args)}\n')
-    print('| map | block | ' + ' | '.join(f'{n} fwd + bwd (ms)' for n in FORMS) + ' |')
-    print('|---|---|' + '---:|' * len(FORMS))
+    print('| map | block | ' + ' | '.join(f'{n} fwd + bwd (ms)' for n in FORMS) + ' | largest difference |')
+    print('|---|---|' + '---:|' * (len(FORMS) + 1))
     for text in args.shapes.split(','):
         shape, kernel = parse_shape(text)
         res = measure(shape, kernel, args.rounds)
         cells = ' | '.join(f'{r["forward_ms"]:.1f} + {r["backward_ms"]:.1f}' for r in res.values())
-        print(f'| {"x".join(map(str, shape))} | {kernel[0]}x{kernel[1]} | {cells} |', flush=True)
+        diff = max(r['max_abs_diff'] for r in res.values())
+        print(f'| {"x".join(map(str, shape))} | {kernel[0]}x{kernel[1]} | {cells} | {diff:.1e} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -410,6 +410,27 @@ def test_block_mean_equals_average_pooling(layout, kernel):
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-6, atol=1e-7)
 
 
+def test_block_mean_takes_the_product_where_it_should(monkeypatch):
+    """Eager on the CPU, a contiguous float32 map at most 128 wide pooled by blocks up to 2 x 2 takes the matrix
+    product; larger blocks, wider maps, other layouts and dtypes take ``avg_pool2d``."""
+    from timm_tffd.losses import inter
+    real, calls = F.avg_pool2d, []
+
+    def counted(x, kernel, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, kernel, *args, **kwargs)
+    monkeypatch.setattr(F, 'avg_pool2d', counted)
+    x = torch.randn(2, 3, 8, 12)
+    for kernel in ((2, 2), (1, 2), (2, 1)):
+        inter.block_mean(x, kernel)
+    inter.block_mean(torch.randn(1, 2, 4, 128), (2, 2))
+    assert calls == []
+    for f, kernel in ((x, (4, 4)), (x, (1, 3)), (torch.randn(1, 2, 4, 130), (2, 2)), (x.double(), (2, 2)),
+                      (x.contiguous(memory_format=torch.channels_last), (2, 2)), (x[..., :10], (2, 2))):
+        inter.block_mean(f, kernel)
+    assert len(calls) == 6
+
+
 def test_inter_pooling_composes_for_non_integer_ratios():
     # 7x7 -> 3x3 is not an integer ratio: adaptive pooling is used, matching F.adaptive_avg_pool2d
     a, b = torch.randn(2, 3, 7, 7, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)

@@ -298,9 +298,10 @@ def test_task_dict_state_and_ema():
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['resnet', 'vit', 'convnext'])  # vit: token views and runs of equal-shape maps
 def test_task_compiles_without_graph_breaks(family):
-    """The task compiled as the training script's --torchcompile compiles it (timm's ``task.compile``, inductor):
-    one graph, no break, and the same loss, terms and parameter gradients as eager. ``fullgraph=True`` makes any break
-    an error: ``explain`` does not report breaks inside a checkpointed function (intra's recomputed forms)."""
+    """The task compiled as the training script's --torchcompile compiles it (timm's ``task.compile``, inductor),
+    plus ``fullgraph=True``: one graph, no break, and the same loss, terms and parameter gradients as eager.
+    ``fullgraph=True`` makes any break an error: ``explain`` does not report breaks inside a checkpointed function
+    (intra's recomputed forms)."""
     model, x = _create(family)
     task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=TfFDConfig(warmup_epochs=0), verbose=False).train()
     explanation = torch._dynamo.explain(task.trainable_module)(x)
