@@ -12,11 +12,18 @@ first configuration.
   default weights), computed by the wrapped model's own forward on the maps (``Tapped.terms``), so that they run as
   they do in a training step whatever that forward does with the maps.
 
+``--profile N`` runs N steps of ``inter+intra`` under ``torch.profiler`` instead and prints the operators grouped by
+input shape, CPU time summed over the N steps (the stand-in's own ``aten::mul`` and ``aten::sum`` over full maps are
+the network's part). Both modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``).
+
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
+    python benchmarks/terms.py --models resnet50 --threads 2 --profile 5
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -107,6 +114,17 @@ def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
                 'ratio': statistics.median(t / b for t, b in zip(times[c], times[base]))} for c in args.configs}
 
 
+def profile(model_name: str, args) -> str:
+    """The operator table of ``args.profile`` steps of ``inter+intra`` after ``args.warmup`` steps."""
+    step = make_step('inter+intra', Tapped(model_name, args.batch_size, args.img_size))
+    for _ in range(args.warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.profile):
+            step()
+    return prof.key_averages(group_by_input_shape=True).table(sort_by='self_cpu_time_total', row_limit=25)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
@@ -115,13 +133,27 @@ def main():
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--rounds', type=int, default=11)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='profile N steps of inter+intra instead of timing the configurations')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
+    from benchmarks import overhead  # here: overhead imports this module
+    args.steady_malloc = overhead.steady_malloc()
     args.configs = args.configs.split(',')
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
+    if args.profile:
+        for name in args.models.split(','):
+            print(f'{name}: {args.profile} steps of inter+intra, batch {args.batch_size}, {args.img_size} px, '
+                  f'{torch.get_num_threads()} thread(s), {overhead._malloc(args)}')
+            print(profile(name, args), flush=True)
+        return
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, '
-          f'{args.img_size} px, {args.rounds} rounds')
+          f'{args.img_size} px, {args.rounds} rounds, {overhead._malloc(args)}')
     print(f'| model | {" | ".join(args.configs)} |')
     print(f'|---|{"---|" * len(args.configs)}')
     for name in args.models.split(','):

@@ -142,6 +142,12 @@ def test_pooling_forms_agree_and_are_timed():
         assert res[name]['max_abs_diff'] < 1e-6 and res[name]['forward_ms'] > 0 and res[name]['backward_ms'] > 0
 
 
+def test_terms_profile_lists_the_operators():
+    """``terms.py --profile``: the operator table of the inter+intra step, with input shapes."""
+    table = terms.profile('test_resnet', argparse.Namespace(batch_size=2, img_size=64, warmup=0, profile=1))
+    assert 'Input Shapes' in table and 'aten::index' in table  # intra's gathers are among the operators
+
+
 def test_median_interval():
     assert overhead.median_interval([1.03] * 9) == (1.03, 1.03)
     values = [1.00, 1.02, 1.03, 1.04, 1.05, 1.06, 1.30]
