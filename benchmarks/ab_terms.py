@@ -97,11 +97,9 @@ def main():
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.steady_malloc = overhead.steady_malloc()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
-          f'{args.img_size} px, {args.rounds} rounds, {overhead._malloc(args)}, swap {args.swap}\n')
+    setup = overhead.single_process_timing(args.threads)
+    print(f'torch {torch.__version__}, {setup}, batch {args.batch_size}, {args.img_size} px, {args.rounds} rounds, '
+          f'swap {args.swap}\n')
     print('| model | run | terms time (ms) | vs current | 95% interval |\n|---|---|---:|---:|---:|')
     for model_name in args.models.split(','):
         res = measure(model_name, args.swap, args)

@@ -253,6 +253,15 @@ def _malloc(args) -> str:
     return 'allocator settings: default'
 
 
+def single_process_timing(threads: int = 0) -> str:
+    """The setup of the timers that run in one process (``terms.py``, ``ab_terms.py``, ``pooling.py``): ``threads``
+    torch threads (0: torch's own choice) and ``steady_malloc``. Returns the threads and allocator for a header."""
+    if threads:
+        torch.set_num_threads(threads)
+    steady = steady_malloc()
+    return f'{torch.get_num_threads()} threads, {_malloc(argparse.Namespace(steady_malloc=steady))}'
+
+
 def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
     env = tree_env(tree, MALLOC_MMAP_THRESHOLD_='65536')
     cmd = [sys.executable, os.path.abspath(__file__), '--probe', model_name, config, '--batch-size',

@@ -79,11 +79,7 @@ def main():
     parser.add_argument('--rounds', type=int, default=11)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.steady_malloc = overhead.steady_malloc()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, '
-          f'{overhead._malloc(args)}\n')
+    print(f'torch {torch.__version__}, {overhead.single_process_timing(args.threads)}, {args.rounds} rounds\n')
     print('| map | block | ' + ' | '.join(f'{n} fwd + bwd (ms)' for n in FORMS) + ' | largest difference |')
     print('|---|---|' + '---:|' * (len(FORMS) + 1))
     for text in args.shapes.split(','):

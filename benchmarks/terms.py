@@ -137,23 +137,19 @@ def main():
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='profile N steps of inter+intra instead of timing the configurations')
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
     from benchmarks import overhead  # here: overhead imports this module
-    args.steady_malloc = overhead.steady_malloc()
+    setup = overhead.single_process_timing(args.threads)
     args.configs = args.configs.split(',')
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
     if args.profile:
         for name in args.models.split(','):
-            print(f'{name}: {args.profile} steps of inter+intra, batch {args.batch_size}, {args.img_size} px, '
-                  f'{torch.get_num_threads()} thread(s), {overhead._malloc(args)}')
+            print(f'{name}: {args.profile} steps of inter+intra, batch {args.batch_size}, {args.img_size} px, {setup}')
             print(profile(name, args), flush=True)
         return
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, '
-          f'{args.img_size} px, {args.rounds} rounds, {overhead._malloc(args)}')
+    print(f'torch {torch.__version__}, {setup}, batch {args.batch_size}, {args.img_size} px, {args.rounds} rounds')
     print(f'| model | {" | ".join(args.configs)} |')
     print(f'|---|{"---|" * len(args.configs)}')
     for name in args.models.split(','):

@@ -73,9 +73,10 @@ def block_mean(x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
     most 128 wide whose size the kernel divides, pooled by blocks of at most 2 x 2 (every step of a ResNet's
     56 -> 28 -> 14 -> 7 chain at 224 px), is pooled by one matrix product instead (``_block_mean_by_product``; its
     backward is one product too): on resnet50's terms the pooling takes about 17 ms less per step than with ATen's
-    pooling kernels or a depthwise convolution, most of it on its 51 MB layer1 map, and about the same on resnet18's
-    (docs/design.md, "Pooling"). Larger blocks and wider maps keep ``avg_pool2d`` (the product's work per output grows
-    with the map's width), as do compiled code (inductor fuses the pooling), other devices, dtypes and layouts."""
+    pooling kernels or a depthwise convolution, most of it on its 51 MB layer1 map; on resnet18's about as long as
+    the convolution and about 6 ms less than ATen's kernels (docs/design.md, "Pooling"). Larger blocks and wider
+    maps keep ``avg_pool2d`` (the product's work per output grows with the map's width), as do compiled code
+    (inductor fuses the pooling), other devices, dtypes and layouts."""
     kh, kw = kernel
     if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.compiler.is_compiling() or x.dim() != 4 \
             or not x.is_contiguous() or kh > 2 or kw > 2 or x.shape[-1] > 128 \
