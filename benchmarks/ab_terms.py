@@ -96,8 +96,9 @@ def main():
     parser.add_argument('--rounds', type=int, default=41)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    overhead.add_malloc_argument(parser)
     args = parser.parse_args()
-    setup = overhead.single_process_timing(args.threads)
+    setup = overhead.single_process_timing(args.threads, args.malloc)
     print(f'torch {torch.__version__}, {setup}, batch {args.batch_size}, {args.img_size} px, {args.rounds} rounds, '
           f'swap {args.swap}\n')
     print('| model | run | terms time (ms) | vs current | 95% interval |\n|---|---|---:|---:|---:|')

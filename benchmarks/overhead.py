@@ -9,8 +9,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   days). The table also gives the median step time. On a virtual machine the hypervisor can take CPU time from
   the guest (steal time, ``/proc/stat``); the share it took while each model's rounds ran is printed after the
   table (and stored in the JSON): where it is large, the intervals widen and the times are slower than the hardware.
-  On the CPU the timing process fixes glibc's allocator settings first (``steady_malloc``; ``--default-malloc``
-  leaves them), so that a configuration's time does not depend on the heap state the others left.
+  On the CPU the timing process fixes glibc's allocator settings first (``steady_malloc``; ``--malloc``: heap only by
+  default), so that a configuration's time does not depend on the heap state the others left.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
@@ -230,36 +230,59 @@ def tree_env(tree: Optional[str] = None, **extra: str) -> dict:
     return env
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+MALLOC_MODES = {  # --malloc: glibc's allocator settings for timing on the CPU (see steady_malloc)
+    'heap': 'glibc malloc: heap only, no trim',
+    'mmap32': 'glibc malloc: mmap threshold 32 MB, no trim',
+    'default': 'allocator settings: default',
+}
 
 
-def steady_malloc() -> bool:
-    """For timing on the CPU: glibc's allocator with a fixed mmap threshold (32 MB, its largest) and no trimming of the
-    heap. By default glibc moves its mmap threshold as blocks are freed and gives the top of the heap back to the OS
-    past a threshold, so whether a step's tensors come from the heap or from fresh pages that fault in depends on
-    what ran before it in the process: of configurations interleaved in one process, the Tf-FD steps read 0.91 to
-    0.92x the plain step in one run. Fixed, a tensor up to 32 MB reuses heap memory in every configuration and a
-    larger one is mapped afresh in every configuration. Returns whether glibc took the settings."""
+def steady_malloc(mode: str = 'heap') -> bool:
+    """For timing on the CPU: fix glibc's allocator settings (``mode``, a key of ``MALLOC_MODES``) before any tensor
+    is allocated. By default glibc moves its mmap threshold as blocks are freed and gives the top of the heap back to
+    the OS past a threshold, so whether a step's tensors come from the heap or from fresh pages that fault in depends
+    on what ran before it in the process: of configurations interleaved in one process, the Tf-FD steps read 0.91 to
+    0.92x the plain step in one run.
+
+    ``'heap'`` (the default) serves every block from the heap and never trims it (``M_MMAP_MAX`` 0): freed memory is
+    reused, as a caching allocator (CUDA's) reuses it, and no step pays for faulting in fresh pages. ``'mmap32'``
+    fixes the mmap threshold at 32 MB (its largest) and turns trimming off: a tensor up to 32 MB reuses heap memory,
+    a larger one (a ResNet-50 layer1 map at batch 16 is 51 MB) is mapped afresh and faulted in page by page at every
+    allocation. ``'default'`` leaves glibc's settings. Returns whether glibc took the settings (``'default'``:
+    False)."""
+    if mode not in MALLOC_MODES:
+        raise ValueError(f'unknown allocator mode {mode!r}; choose from {", ".join(MALLOC_MODES)}')
+    if mode == 'default':
+        return False
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    mapped = libc.mallopt(M_MMAP_MAX, 0) if mode == 'heap' else libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def add_malloc_argument(parser: argparse.ArgumentParser):
+    parser.add_argument('--malloc', default='heap', choices=tuple(MALLOC_MODES),
+                        help='glibc\'s allocator settings for CPU timing (overhead.steady_malloc): heap only '
+                             '(default), mmap threshold 32 MB, or glibc\'s defaults')
 
 
 def _malloc(args) -> str:
     if getattr(args, 'steady_malloc', False):
-        return 'glibc malloc: mmap threshold 32 MB, no trim'
-    return 'allocator settings: default'
+        return MALLOC_MODES[args.malloc]
+    return MALLOC_MODES['default']
 
 
-def single_process_timing(threads: int = 0) -> str:
+def single_process_timing(threads: int = 0, malloc: str = 'heap') -> str:
     """The setup of the timers that run in one process (``terms.py``, ``ab_terms.py``, ``pooling.py``): ``threads``
-    torch threads (0: torch's own choice) and ``steady_malloc``. Returns the threads and allocator for a header."""
+    torch threads (0: torch's own choice) and ``steady_malloc(malloc)``. Returns the threads and allocator for a
+    header."""
     if threads:
         torch.set_num_threads(threads)
-    steady = steady_malloc()
-    return f'{torch.get_num_threads()} threads, {_malloc(argparse.Namespace(steady_malloc=steady))}'
+    steady = steady_malloc(malloc)
+    return f'{torch.get_num_threads()} threads, {_malloc(argparse.Namespace(steady_malloc=steady, malloc=malloc))}'
 
 
 def measure_memory(model_name: str, config: str, args, tree: Optional[str] = None) -> dict:
@@ -281,8 +304,7 @@ class TreeWorker:
                str(args.batch_size), '--img-size', str(args.img_size), '--warmup', str(args.warmup)]
         if getattr(args, 'threads', None):
             cmd += ['--threads', str(args.threads)]
-        if getattr(args, 'default_malloc', False):
-            cmd += ['--default-malloc']
+        cmd += ['--malloc', getattr(args, 'malloc', 'heap')]
         self.proc = subprocess.Popen(cmd, env=tree_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         ready = self.proc.stdout.readline().split()  # 'ready PATH' once warmed up, PATH: the timm_tffd it imported
@@ -509,8 +531,7 @@ def main():
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--amp', action='store_true', help='autocast (float16 + GradScaler on CUDA, bfloat16 on CPU)')
     parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--default-malloc', action='store_true',
-                        help='time with glibc\'s default allocator settings (see steady_malloc)')
+    add_malloc_argument(parser)
     parser.add_argument('--floor', action='store_true',
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
@@ -522,8 +543,8 @@ def main():
         args.threads = args.threads or len(args.cpus.split(','))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.probe or args.default_malloc) and args.device == 'cpu':
-        args.steady_malloc = steady_malloc()  # this process and, through their own call, the tree workers
+    if not args.probe and args.device == 'cpu':
+        args.steady_malloc = steady_malloc(args.malloc)  # this process and, through their own call, the tree workers
     if args.probe:
         print(json.dumps(probe_memory(*args.probe, args.batch_size, args.img_size, args.device, args.amp,
                                       args.channels_last)))

@@ -78,8 +78,10 @@ def main():
     parser.add_argument('--shapes', default=','.join(DEFAULT_SHAPES), help='NxCxHxW/k, comma separated')
     parser.add_argument('--rounds', type=int, default=11)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    overhead.add_malloc_argument(parser)
     args = parser.parse_args()
-    print(f'torch {torch.__version__}, {overhead.single_process_timing(args.threads)}, {args.rounds} rounds\n')
+    setup = overhead.single_process_timing(args.threads, args.malloc)
+    print(f'torch {torch.__version__}, {setup}, {args.rounds} rounds\n')
     print('| map | block | ' + ' | '.join(f'{n} fwd + bwd (ms)' for n in FORMS) + ' | largest difference |')
     print('|---|---|' + '---:|' * (len(FORMS) + 1))
     for text in args.shapes.split(','):

@@ -14,7 +14,8 @@ first configuration.
 
 ``--profile N`` runs N steps of ``inter+intra`` under ``torch.profiler`` instead and prints the operators grouped by
 input shape, CPU time summed over the N steps (the stand-in's own ``aten::mul`` and ``aten::sum`` over full maps are
-the network's part). Both modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``).
+the network's part). Both modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``,
+``--malloc``).
 
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
@@ -126,6 +127,8 @@ def profile(model_name: str, args) -> str:
 
 
 def main():
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
+    from benchmarks import overhead  # here: overhead imports this module
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
     parser.add_argument('--configs', default=','.join(CONFIGS), help=f'from {", ".join(CONFIGS)}')
@@ -134,12 +137,11 @@ def main():
     parser.add_argument('--rounds', type=int, default=11)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s own choice)')
+    overhead.add_malloc_argument(parser)
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='profile N steps of inter+intra instead of timing the configurations')
     args = parser.parse_args()
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
-    from benchmarks import overhead  # here: overhead imports this module
-    setup = overhead.single_process_timing(args.threads)
+    setup = overhead.single_process_timing(args.threads, args.malloc)
     args.configs = args.configs.split(',')
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:

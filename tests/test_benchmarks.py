@@ -189,3 +189,40 @@ def test_memory_only_rows(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         overhead.main()
     assert 'nothing to measure' in capsys.readouterr().err
+
+
+_MAPPINGS = r'''
+import sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks import overhead
+assert overhead.steady_malloc({mode!r})
+
+def large_mappings():  # readable-writable mappings of 64 MB or more other than the heap
+    out = set()
+    with open('/proc/self/maps') as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(a, 16) for a in fields[0].split('-'))
+            if fields[1].startswith('rw') and end - start >= 64 << 20 and fields[-1] != '[heap]':
+                out.add(fields[0])
+    return out
+
+before = large_mappings()
+x = torch.ones(64 << 18)  # 64 MB, above glibc's largest mmap threshold
+print(len(large_mappings() - before))
+'''
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps') or not sys.platform.startswith('linux'),
+                    reason='needs Linux /proc')
+@pytest.mark.parametrize('mode', ['heap', 'mmap32'])
+def test_steady_malloc_heap_only_maps_no_block(mode):
+    """'heap': a 64 MB tensor comes from the heap; 'mmap32': it gets a mapping of its own."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, '-c', _MAPPINGS.format(root=root, mode=mode)], check=True,
+                         capture_output=True, text=True).stdout
+    new = int(out.split()[-1])
+    assert new == (0 if mode == 'heap' else 1)
+    with pytest.raises(ValueError, match='unknown allocator mode'):
+        overhead.steady_malloc('jemalloc')

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from timm_tffd import inter_layer_loss, intra_layer_loss, inter_layer_pairs
 from timm_tffd.losses.saliency import SALIENCY, bn_scale_saliency
-from timm_tffd.losses.intra import intra_stage_loss
+from timm_tffd.losses.intra import intra_stage_loss, salience_order
 
 
 def _features(seed=0, shapes=((2, 4, 8, 8), (2, 6, 4, 4), (2, 8, 2, 2))):
@@ -96,12 +96,12 @@ def _torch_pairwise(feats, pairs):
 
 def _torch_intra(feats, detach_salient=False):
     """The definition with autograd: pairs by indexing, the mean squared error, the mean over stages. Channels are
-    ranked by the library's ``norm`` saliency (tested against the reference code's formula on its own), so that both
-    sides pair the same channels."""
+    ranked by the library's ``norm`` saliency (tested against the reference code's formula on its own), equal scores in
+    index order, so that both sides pair the same channels."""
     total = 0.
     for f in feats:
         with torch.no_grad():
-            order = SALIENCY['norm'](f).argsort(descending=True)
+            order = SALIENCY['norm'](f).argsort(descending=True, stable=True)
         half = f.shape[1] // 2
         salient = f[:, order[:half]]
         total = total + F.mse_loss(f[:, order[half:2 * half]], salient.detach() if detach_salient else salient)
@@ -224,6 +224,22 @@ def _np_intra_stage(f, detach_note=None):
     return float(((top - bottom) ** 2).mean())
 
 
+@pytest.mark.slow
+def test_salience_order_eager_and_compiled():
+    """The ranking that pairs intra's channels, eager (stable argsort) and compiled (counting): highest score first,
+    equal scores in index order, NaN as +inf. Golden: numpy's stable sort of the negated scores."""
+    compiled = torch.compile(salience_order, fullgraph=True, backend='inductor')
+    g = torch.Generator().manual_seed(0)
+    for c in (1, 2, 9, 384):
+        scores = torch.randn(c, generator=g, dtype=torch.float64)
+        if c >= 9:  # dead channels score 0; infinities; NaN
+            scores[::3] = 0.
+            scores[1], scores[4], scores[5], scores[7] = float('nan'), float('inf'), float('nan'), -float('inf')
+        golden = np.argsort(-np.nan_to_num(scores.numpy(), nan=np.inf, posinf=np.inf, neginf=-np.inf), kind='stable')
+        np.testing.assert_array_equal(salience_order(scores).numpy(), golden)
+        np.testing.assert_array_equal(compiled(scores).numpy(), golden)
+
+
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_intra_golden_with_odd_channels(layout):
     feats = _features(1, ((2, 5, 4, 4), (3, 8, 2, 2)))  # C = 5: the least salient channel is left out
@@ -241,7 +257,7 @@ def test_intra_hand_example():
 def test_intra_gradients_and_detach():
     f = _features(2, ((2, 6, 4, 4),))[0]
     score = F.normalize(f, p=2, dim=(2, 3)).mean([0, 2, 3])
-    salient = score.argsort(descending=True)[:3]
+    salient = score.argsort(descending=True, stable=True)[:3]
     x = f.clone().requires_grad_()
     intra_layer_loss([x]).backward()
     assert (x.grad[:, salient].abs().sum((0, 2, 3)) > 0).all()  # reference final code: both halves learn
@@ -503,7 +519,7 @@ def test_second_order_gradients_through_the_terms(layout):
         intra = 0.
         for f in maps:
             with torch.no_grad():
-                order = SALIENCY['norm'](f).argsort(descending=True)
+                order = SALIENCY['norm'](f).argsort(descending=True, stable=True)
             half = f.shape[1] // 2
             intra = intra + F.mse_loss(f[:, order[half:2 * half]], f[:, order[:half]])
         return inter + intra / 3

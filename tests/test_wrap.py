@@ -98,7 +98,7 @@ def _reference_loss(model, x, target, weights):
     for f in feats:
         half = f.shape[1] // 2
         with torch.no_grad():
-            order = F.normalize(f.double(), p=2, dim=(2, 3)).mean((0, 2, 3)).argsort(descending=True)
+            order = F.normalize(f.double(), p=2, dim=(2, 3)).mean((0, 2, 3)).argsort(descending=True, stable=True)
         stages.append(F.mse_loss(f[:, order[:half]], f[:, order[half:2 * half]]))
     intra = torch.stack(stages).mean()
     return F.cross_entropy(logits, target) + weights[0] * inter + weights[1] * intra

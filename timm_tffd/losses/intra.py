@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .saliency import accumulation_dtype, channels_last_map, get_saliency
 
-__all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse', 'partner_mse']
+__all__ = ['intra_layer_loss', 'intra_stage_loss', 'paired_channel_mse', 'partner_mse', 'salience_order']
 
 SaliencyFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,6 +35,27 @@ def paired_channel_mse(
     target = f[:, salient]
     d = f[:, redundant] - (target.detach() if detach_salient else target)
     return d.to(accumulation_dtype(d.dtype)).square().mean()
+
+
+def salience_order(scores: torch.Tensor) -> torch.Tensor:
+    """Channel indices from the highest score to the lowest, equal scores in index order, a NaN score counted as +inf.
+
+    Eager: a stable ``argsort``. Compiled (``torch.compile``): the same order by counting, ``C x C`` comparisons that
+    inductor fuses into two reductions: the number of channels ranked before a channel is its position, and the
+    channel at each position is found by comparing positions. A sort is an operation inductor's partitioner does not
+    fuse: placed between a ViT block's output and the next block's LayerNorm in the forward, it kept that LayerNorm's
+    output saved for the backward next to the block output, a ``(B, 197, 384)`` map per block (docs/design.md, "The
+    compiled step"). Equal scores are common on small maps (every positive 1 x 1 channel scores 1 by ``norm``), and
+    the order among them decides the pairs; the reference code's unstable sort leaves it to the sort's
+    implementation, so the two forms fix it the same way.
+    """
+    scores = torch.where(scores.isnan(), float('inf'), scores)
+    if not torch.compiler.is_compiling():
+        return scores.argsort(descending=True, stable=True)
+    index = torch.arange(scores.shape[0], device=scores.device)
+    higher, same = scores[None, :] > scores[:, None], scores[None, :] == scores[:, None]
+    position = (higher | (same & (index[None, :] < index[:, None]))).sum(1)  # channels ranked before each one
+    return ((position[None, :] == index[:, None]) * index[None, :]).sum(1)
 
 
 def _pair_count(f: torch.Tensor) -> int:
@@ -113,7 +134,7 @@ def intra_stage_loss(
         raise ValueError(f'intra-layer Tf-FD needs at least 2 channels, got a map of shape {tuple(feature.shape)}')
     fn = get_saliency(saliency) if isinstance(saliency, str) else saliency
     with torch.no_grad():
-        order = fn(feature).argsort(descending=True)[:2 * half]
+        order = salience_order(fn(feature))[:2 * half]
     salient, redundant = order[:half], order[half:]
     if not (recompute and feature.requires_grad):
         return paired_channel_mse(feature, salient, redundant, detach_salient)
