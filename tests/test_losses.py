@@ -366,6 +366,30 @@ def test_partner_mse_equals_paired_channel_mse(layout, channels):
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('channels', [6, 7])
+def test_partner_sum_equals_paired_channel_mse(layout, channels):
+    """The compiled channels-last form: from the whole salience order, the same value and gradients as autograd
+    through both indexed halves, both halves learning and the salient half detached, a channel left out (7), and the
+    gradients of a float16 map in float16."""
+    from timm_tffd.losses.intra import _partner_sum, paired_channel_mse
+    f = _as_layout(torch.randn(5, channels, 3, 3, dtype=torch.float64), layout).requires_grad_()
+    ranked = torch.tensor([4, 0, 6, 1, 5, 2, 3] if channels == 7 else [4, 0, 3, 1, 5, 2])
+    salient, redundant = ranked[:3], ranked[3:6]
+    for detach in (False, True):
+        want = paired_channel_mse(f, salient, redundant, detach)
+        got = _partner_sum(f, ranked, 3, detach)
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+        want_grad = torch.autograd.grad(want, f)[0]
+        torch.testing.assert_close(torch.autograd.grad(got, f)[0], want_grad, rtol=1e-12, atol=0)
+    half = f.detach().half().requires_grad_()
+    half_loss = _partner_sum(half, ranked, 3, True)
+    assert half_loss.dtype == torch.float32 and half_loss.item() == pytest.approx(want.item(), rel=1e-2)
+    half_grad = torch.autograd.grad(half_loss, half)[0]
+    assert half_grad.dtype == torch.float16
+    torch.testing.assert_close(half_grad.double(), want_grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('channels', [6, 7])
 @pytest.mark.parametrize('detach_salient', [False, True])
 def test_recomputed_intra_stage_equals_definition(layout, channels, detach_salient):
     """``intra_stage_loss`` as a wrapped model computes it (``recompute=True``: the pairing and the salient mask built

@@ -112,6 +112,27 @@ def partner_mse(
     return _PartnerMSE.apply(f, salient, redundant, partner, learns)
 
 
+def _partner_sum(f: torch.Tensor, ranked: torch.Tensor, half: int, detach_salient: bool = False) -> torch.Tensor:
+    """``paired_channel_mse`` (value and gradients) for compiled code, through plain operations that inductor fuses:
+    every channel against its detached partner (``ranked``: ``salience_order``'s permutation), ``s = sum_c ||f_c -
+    f_partner(c)||^2 / n``, which counts each pair twice; its gradient, ``2 (f_c - f_partner(c)) / n``, is the pair
+    mse's, so the term is ``s`` halved in value and whole in gradient. The partners and the channels that learn are
+    found by comparisons, not by a scatter (see ``salience_order`` for why compiled code avoids operations inductor's
+    partitioner does not fuse); the backward is one gather of the map and pointwise operations. Compiled ViT-S
+    inter+intra step: 0.95x the time of the paired form recomputed under ``torch.utils.checkpoint`` (docs/design.md,
+    "Intra-layer pairs")."""
+    with torch.no_grad():
+        index = torch.arange(ranked.shape[0], device=ranked.device)
+        position = ((ranked[None, :] == index[:, None]) * index[None, :]).sum(1)  # where each channel is ranked
+        partner = ranked[torch.where(position < half, position + half,
+                                     torch.where(position < 2 * half, position - half, position))]
+    squares = (f - f.detach()[:, partner]).to(accumulation_dtype(f.dtype)).square()
+    if detach_salient:  # the salient half gets no gradient
+        squares = torch.where((position >= half).view(1, -1, 1, 1), squares, squares.detach())
+    s = squares.sum() / _pair_count(f)
+    return s - s.detach() / 2
+
+
 def intra_stage_loss(
         feature: torch.Tensor,
         saliency: Union[str, SaliencyFn] = 'norm',
@@ -126,7 +147,7 @@ def intra_stage_loss(
         detach_salient: Stop gradients into the salient half.
         recompute: Keep nothing but the map (which the network keeps anyway) for the backward and recompute the
             channel difference there: half a map less memory until the backward (``partner_mse``; under
-            ``torch.compile``, channels-last maps take ``paired_channel_mse`` under ``torch.utils.checkpoint``).
+            ``torch.compile``, channels-last maps take ``_partner_sum``).
             Without it, ``paired_channel_mse`` through plain autograd. Same values and gradients.
     """
     half = feature.shape[1] // 2
@@ -134,13 +155,17 @@ def intra_stage_loss(
         raise ValueError(f'intra-layer Tf-FD needs at least 2 channels, got a map of shape {tuple(feature.shape)}')
     fn = get_saliency(saliency) if isinstance(saliency, str) else saliency
     with torch.no_grad():
-        order = salience_order(fn(feature))[:2 * half]
-    salient, redundant = order[:half], order[half:]
+        ranked = salience_order(fn(feature))
+    salient, redundant = ranked[:half], ranked[half:2 * half]
     if not (recompute and feature.requires_grad):
         return paired_channel_mse(feature, salient, redundant, detach_salient)
     if torch.compiler.is_compiling() and channels_last_map(feature):
-        # inductor (CPU, torch 2.14.1) fails on partner_mse's backward inside ConvNeXt's (a KeyError in its C++ loop
-        # fusion), whose maps are channels-last; those keep the plain form, recomputed in the backward
+        # inductor (CPU, torch 2.14.1) fails on a backward that gathers the map in partner order inside ConvNeXt's (a
+        # KeyError in its C++ loop fusion), whose maps are channels-last; those keep the paired form, recomputed in
+        # the backward. The channels-last token views of ViT-family models (views of their block outputs) take the
+        # pairing through plain operations
+        if feature._base is not None:
+            return _partner_sum(feature, ranked, half, detach_salient)
         return checkpoint(paired_channel_mse, feature, salient, redundant, detach_salient, use_reentrant=False,
                           preserve_rng_state=False)
     return partner_mse(feature, salient, redundant, detach_salient)
