@@ -1,9 +1,10 @@
 """Intra-layer Tf-FD: salient channels supervise redundant ones in the same stage (Tf-FD (Li, ECCV 2022)).
 
-Per stage, channels are ranked by a saliency score (recomputed every batch); the channel ranked k is paired with the
-channel ranked k + C//2 and the loss is ``mse(f[:, top_half], f[:, bottom_half])``. With odd C the least salient
-channel is left out. The layer loss is the mean over stages. As in the reference code's final version, gradients reach
-both halves by default; ``detach_salient=True`` makes the salient half a fixed target (an earlier reference commit).
+Per stage, channels are ranked by a saliency score (recomputed every batch; ``salience_order``: equal scores in channel
+order); the channel ranked k is paired with the channel ranked k + C//2 and the loss is
+``mse(f[:, top_half], f[:, bottom_half])``. With odd C the least salient channel is left out. The layer loss is the
+mean over stages. As in the reference code's final version, gradients reach both halves by default;
+``detach_salient=True`` makes the salient half a fixed target (an earlier reference commit).
 """
 from typing import Callable, Optional, Sequence, Union
 
