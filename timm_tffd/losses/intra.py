@@ -148,8 +148,9 @@ def intra_stage_loss(
         detach_salient: Stop gradients into the salient half.
         recompute: Keep nothing but the map (which the network keeps anyway) for the backward and recompute the
             channel difference there: half a map less memory until the backward (``partner_mse``; under
-            ``torch.compile``, channels-last maps take ``_partner_sum``).
-            Without it, ``paired_channel_mse`` through plain autograd. Same values and gradients.
+            ``torch.compile``, token views take ``_partner_sum`` and other channels-last maps ``paired_channel_mse``
+            under ``torch.utils.checkpoint``). Without it, ``paired_channel_mse`` through plain autograd. Same values
+            and gradients.
     """
     half = feature.shape[1] // 2
     if half == 0:
