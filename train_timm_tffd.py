@@ -695,7 +695,8 @@ def _load_failure(what: str, e: Exception) -> str:
     """One line for a file that could not be loaded: what, the error, and what an unpickling error means here."""
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
     message = f'{what}: {type(e).__name__}{": " + text if text else ""}'
-    if isinstance(e, (pickle.UnpicklingError, EOFError, IndexError)) or 'central directory' in text or \
+    corrupt = (pickle.UnpicklingError, EOFError, IndexError, UnicodeDecodeError)
+    if isinstance(e, corrupt) or 'central directory' in text or \
             'deserializing header' in text:
         message += (' (an empty, truncated or corrupt file, or one that pickles objects other than tensors: weights '
                     'are only read with weights_only=True or from safetensors)')
@@ -1312,9 +1313,10 @@ def _build(args, loop: _Loop) -> _Setup:
     criterion = _create_criterion(args, mixup_active)
     try:
         task = build_task(args, model, criterion, device, data_config, loop.model_dtype)
-    except (ValueError, OSError) as e:  # stages, taps, saliency or a teacher that do not fit the model
-        raise _SetupError(f'{args.model}: {e}') from e
-    except Exception as e:  # a teacher checkpoint that does not load
+    except Exception as e:
+        if isinstance(e, (ValueError, OSError)) and not isinstance(e, UnicodeDecodeError):
+            raise _SetupError(f'{args.model}: {e}') from e  # stages, taps, saliency or a teacher that do not fit
+        # a teacher checkpoint that does not load (a corrupt file can fail to decode a string: a ValueError too)
         raise _SetupError(_load_failure(f'cannot load the teacher {args.kd_model_name}'
                                         f'{" from " + args.teacher_checkpoint if args.teacher_checkpoint else ""}',
                                         e)) from e

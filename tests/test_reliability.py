@@ -106,7 +106,10 @@ def _write(path, data: bytes):
     # random bytes fail in torch.load's unpickler or before it, depending on the bytes: either message names the file
     ('--teacher-checkpoint', os.urandom(2000), ('refusing to load', 'cannot load the teacher test_resnet from')),
     ('--teacher-checkpoint', pickle.dumps({'state_dict': {'w': object()}}), 'refusing to load'),
-], ids=['resume-random', 'resume-empty', 'initial-random', 'teacher-random', 'teacher-pickle'])
+    # a string opcode whose bytes are not UTF-8: the unpickler raises UnicodeDecodeError, a ValueError
+    ('--teacher-checkpoint', b'X\x04\x00\x00\x00\xfa\xfb\xfc\xfd.' + bytes(100),
+     'cannot load the teacher test_resnet from'),
+], ids=['resume-random', 'resume-empty', 'initial-random', 'teacher-random', 'teacher-pickle', 'teacher-utf8'])
 def test_corrupt_checkpoint_files_get_one_message(run_train, tmp_path, capsys, flag, content, message):
     path = _write(tmp_path / 'bad.pth.tar', content)
     extra = ['--teacher', 'test_resnet'] if flag == '--teacher-checkpoint' else []
