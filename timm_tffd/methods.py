@@ -32,13 +32,15 @@ LossFn = Callable[[List[torch.Tensor]], torch.Tensor]
 @dataclass
 class MethodContext:
     """What a method builder may read: the model and the tapped stages (shallow to deep). ``copies``: the tapped maps
-    are copies made for the taps (pre-activation maps), not tensors the network keeps for its own backward."""
+    are copies made for the taps (pre-activation maps), not tensors the network keeps for its own backward.
+    ``token_views``: the tapped maps are channels-last views of a token model's block outputs (``FeatureTaps``)."""
     model: nn.Module
     indices: List[int]
     modules: List[str]
     channels: List[int]
     reductions: List[int]
     copies: bool = False
+    token_views: bool = False
 
 
 @dataclass
@@ -147,14 +149,16 @@ class IntraLayer(StagedLoss):
         detach_salient: Stop gradients into the salient half.
         recompute: Recompute the channel differences in the backward from the maps (``intra_stage_loss``): right when
             the maps are tensors the network keeps for its own backward, not for copies (pre-activation taps).
+        token_views: The maps are token views (``intra_stage_loss``'s ``token_view``).
     """
 
-    def __init__(self, saliency, detach_salient: bool, recompute: bool = True):
+    def __init__(self, saliency, detach_salient: bool, recompute: bool = True, token_views: bool = False):
         self.saliency, self.detach_salient, self.recompute = saliency, detach_salient, recompute
+        self.token_views = token_views
 
     def at_tap(self, pos: int, feature: torch.Tensor, earlier: List[Any]) -> torch.Tensor:
         fn = self.saliency if isinstance(self.saliency, str) else self.saliency[pos]
-        return intra_stage_loss(feature, fn, self.detach_salient, recompute=self.recompute)
+        return intra_stage_loss(feature, fn, self.detach_salient, self.recompute, self.token_views)
 
     def loss(self, features: List[torch.Tensor], staged: List[Any]) -> torch.Tensor:
         return sum(staged) / len(staged)  # the order of intra_layer_loss's sum
@@ -172,9 +176,9 @@ def _build_intra(ctx: MethodContext, saliency: str = 'norm', detach_salient: boo
     recompute = not ctx.copies
     if saliency in MODEL_SALIENCY:
         fns = [bn_scale_saliency(ctx.model, m, c) for m, c in zip(ctx.modules, ctx.channels)]
-        return IntraLayer(fns, detach_salient, recompute)
+        return IntraLayer(fns, detach_salient, recompute, ctx.token_views)
     get_saliency(saliency)  # validates the name
-    return IntraLayer(saliency, detach_salient, recompute)
+    return IntraLayer(saliency, detach_salient, recompute, ctx.token_views)
 
 
 # Default weights: the reference code's argparse defaults (lambda_inter = 0.005, lambda_intra = 0.0004), which are

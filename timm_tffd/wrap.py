@@ -156,7 +156,8 @@ def wrap(
     if 'forward' in vars(model):
         raise ValueError('model already has an instance-level forward; Tf-FD cannot wrap it')
     taps = FeatureTaps(model, config.stages, preact=config.preact)
-    ctx = MethodContext(model, taps.indices, taps.modules, taps.channels, taps.reductions, copies=taps.mode == 'preact')
+    ctx = MethodContext(model, taps.indices, taps.modules, taps.channels, taps.reductions, copies=taps.mode == 'preact',
+                        token_views=bool(taps.token_grid))
     try:
         methods = {}
         for name in config.methods:

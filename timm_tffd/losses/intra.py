@@ -139,6 +139,7 @@ def intra_stage_loss(
         saliency: Union[str, SaliencyFn] = 'norm',
         detach_salient: bool = False,
         recompute: bool = False,
+        token_view: bool = False,
 ) -> torch.Tensor:
     """Intra-layer loss of one NCHW map.
 
@@ -151,6 +152,8 @@ def intra_stage_loss(
             ``torch.compile``, token views take ``_partner_sum`` and other channels-last maps ``paired_channel_mse``
             under ``torch.utils.checkpoint``). Without it, ``paired_channel_mse`` through plain autograd. Same values
             and gradients.
+        token_view: The map is a channels-last view of a token model's block output: compiled, it takes
+            ``_partner_sum`` (other channels-last maps cannot).
     """
     half = feature.shape[1] // 2
     if half == 0:
@@ -166,7 +169,7 @@ def intra_stage_loss(
         # KeyError in its C++ loop fusion), whose maps are channels-last; those keep the paired form, recomputed in
         # the backward. The channels-last token views of ViT-family models (views of their block outputs) take the
         # pairing through plain operations
-        if feature._base is not None:
+        if token_view:
             return _partner_sum(feature, ranked, half, detach_salient)
         return checkpoint(paired_channel_mse, feature, salient, redundant, detach_salient, use_reentrant=False,
                           preserve_rng_state=False)
