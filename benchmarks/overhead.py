@@ -24,7 +24,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   (``task.compile``, inductor; it runs on the CPU too), each compared with the compiled plain step.
 * ``--floor``: the cost floor of the Tf-FD terms: four passes (``FLOOR_PASSES``) over the bytes of the tapped maps at
   the copy bandwidth measured in the same process, and the measured extra time of ``inter+intra`` (eager and
-  compiled) as a multiple of it.
+  compiled; the table's ratio minus one, times the plain step's median time) as a multiple of it. The JSON keeps
+  every round's step times (``round_times_ms``).
 * ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
   ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
   time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
@@ -438,7 +439,7 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     for c, v in times.items():
         ratios = [a / b for a, b in zip(v, times[baseline_of(c)])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
-                  'ratio_ci95': median_interval(ratios)}
+                  'ratio_ci95': median_interval(ratios), 'times_s': v}
     return out
 
 
@@ -486,7 +487,9 @@ def floor_row(model_name: str, times: Dict[str, dict], args) -> dict:
            'floor_ms': floor_s * 1e3}
     for config in ('inter+intra', 'inter+intra' + COMPILED):
         if config in times:
-            extra = times[config]['median_s'] - times[baseline_of(config)]['median_s']
+            # the table's paired estimate (the median of per-round ratios) in time: a difference of the two medians
+            # would mix rounds of different machine speed
+            extra = (times[config]['ratio'] - 1) * times[baseline_of(config)]['median_s']
             row[config] = {'extra_ms': extra * 1e3, 'floor_multiple': extra / floor_s,
                            'floor_share_of_step': floor_s / times[baseline_of(config)]['median_s']}
     return row
@@ -602,7 +605,8 @@ def main():
         for c in model_configs:
             base_s = times[baseline_of(c)]['median_s']
             row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
-                   'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95']}
+                   'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95'],
+                   'round_times_ms': [1e3 * t for t in times[c]['times_s']]}
             if c in TEACHER_CONFIGS and TEACHER in teacher_step:
                 row['time_ratio_with_teacher_training'] = times[c]['ratio'] + teacher_step[TEACHER] / base_s
             if mem:

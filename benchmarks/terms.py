@@ -115,15 +115,16 @@ def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
                 'ratio': statistics.median(t / b for t, b in zip(times[c], times[base]))} for c in args.configs}
 
 
-def profile(model_name: str, args) -> str:
-    """The operator table of ``args.profile`` steps of ``inter+intra`` after ``args.warmup`` steps."""
+def profile(model_name: str, args, row_limit: int = 25) -> str:
+    """The operator table of ``args.profile`` steps of ``inter+intra`` after ``args.warmup`` steps, its
+    ``row_limit`` most expensive rows (-1: all)."""
     step = make_step('inter+intra', Tapped(model_name, args.batch_size, args.img_size))
     for _ in range(args.warmup):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.profile):
             step()
-    return prof.key_averages(group_by_input_shape=True).table(sort_by='self_cpu_time_total', row_limit=25)
+    return prof.key_averages(group_by_input_shape=True).table(sort_by='self_cpu_time_total', row_limit=row_limit)
 
 
 def main():
