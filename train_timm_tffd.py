@@ -997,7 +997,8 @@ class _Setup:
 
 @dataclass
 class TrainResult:
-    """What ``train()`` returns: the task (its model and EMA), the output folder and the per-epoch metrics."""
+    """What ``train()`` returns: the task (its model and EMA; under ``torch.distributed`` its trainable module is
+    unwrapped from DDP, whose process group is gone by then), the output folder and the per-epoch metrics."""
     task: TrainingTask
     output_dir: Optional[str]
     results: List[dict] = field(default_factory=list)
@@ -1456,6 +1457,7 @@ def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
         if created and os.path.isdir(output_dir) and not any(f.endswith('.pth.tar') for f in os.listdir(output_dir)):
             shutil.rmtree(output_dir, ignore_errors=True)  # nothing resumable: leave no half-made run behind
         if args.distributed:
+            _release_ddp(task)
             torch.distributed.destroy_process_group()
 
     if primary and run.results:
@@ -1465,6 +1467,16 @@ def _run(args, args_text, setup: _Setup, loop: _Loop) -> TrainResult:
         _logger.info(f'Final {result} (epoch {final["epoch"]}); best {eval_metric}: {run.best_metric} '
                      f'(epoch {run.best_epoch}); output: {output_dir}')
     return run
+
+
+def _release_ddp(task: TrainingTask):
+    """Unwrap the task's trainable module from DDP before the process group goes: the task ``train()`` returns then
+    runs without a process group, and the DDP wrapper, whose reducer holds the group, is freed when training returns,
+    not kept by the result until the interpreter exits (where tearing down a gloo group's threads can abort the
+    process)."""
+    module = getattr(task, 'trainable_module', None)
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        task.trainable_module = module.module
 
 
 class _OutputError(Exception):

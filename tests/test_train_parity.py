@@ -405,7 +405,6 @@ _DDP_ACCUMULATE = '''
 import os, sys
 import torch
 import timm.task
-from timm.utils import unwrap_model
 import train_timm_tffd
 
 calls = []
@@ -420,8 +419,9 @@ def spy(*a, **k):
 train_timm_tffd._create_loaders = spy
 out, argv = sys.argv[1], sys.argv[2:]
 run = train_timm_tffd.main(argv)
-torch.save({'model': unwrap_model(run.task.get_trainable_module()).state_dict(), 'no_sync': torch.tensor(len(calls)),
-            'sampler': samplers[0]}, os.path.join(out, f'rank{os.environ["RANK"]}.pt'))
+module = run.task.get_trainable_module()
+torch.save({'model': module.state_dict(), 'no_sync': torch.tensor(len(calls)), 'sampler': samplers[0],
+            'returned': type(module).__name__}, os.path.join(out, f'rank{os.environ["RANK"]}.pt'))
 '''
 
 
@@ -429,25 +429,29 @@ torch.save({'model': unwrap_model(run.task.get_trainable_module()).state_dict(),
 def test_ddp_grad_accumulation_and_repeated_augmentation(run_train, tmp_path):
     """torchrun, 2 ranks x batch 4 x 2 accumulation steps against 1 process with batch 16, on a LayerNorm model
     with inter-layer Tf-FD (a batch mean): equal weights; DDP skips the gradient sync on the first micro-batch of
-    each update. Then --aug-repeats on 2 ranks uses timm's RepeatAugSampler."""
+    each update. Then --aug-repeats on 2 ranks uses timm's RepeatAugSampler. The task returned to each rank is
+    unwrapped from DDP (its process group is gone). Every rank's output is teed into the launcher's (``--tee 3``), so a
+    failure shows both ranks."""
     common = ['--model', 'test_convnext', '--no-aug', '--max-train-samples', '16', '--max-val-samples', '16',
               '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.1', '-j', '0', '--tffd', 'inter',
               '--tffd-warmup-epochs', '0', '--log-interval', '1', '--seed', '3']
     script = tmp_path / 'ddp_run.py'
     script.write_text(_DDP_ACCUMULATE)
-    proc = run_script('-m torch.distributed.run', '--standalone', '--nproc_per_node', '2', script, tmp_path,
-                      '--output', tmp_path / 'out', *common, '-b', '4', '--grad-accum-steps', '2',
+    proc = run_script('-m torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--tee', '3', script,
+                      tmp_path, '--output', tmp_path / 'out', *common, '-b', '4', '--grad-accum-steps', '2',
                       '--experiment', 'ddp')
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
     assert int(rank0['no_sync']) == 2  # 2 batches per epoch and rank: 1 unsynced micro-batch per update, 2 epochs
+    assert rank0['returned'] == 'ConvNeXt'  # the timm model itself, no longer inside DDP
     one = run_train(*common, '-b', '16', '--experiment', 'one')
     state = one.task.get_trainable_module().state_dict()
     for k, v in state.items():
         torch.testing.assert_close(rank0['model'][k], v, rtol=1e-4, atol=1e-5)
 
-    proc = run_script('-m torch.distributed.run', '--standalone', '--nproc_per_node', '2', script, tmp_path,
-                      '--output', tmp_path / 'out', *common, '-b', '4', '--aug-repeats', '3', '--experiment', 'ra')
+    proc = run_script('-m torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--tee', '3', script,
+                      tmp_path, '--output', tmp_path / 'out', *common, '-b', '4', '--aug-repeats', '3',
+                      '--experiment', 'ra')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(tmp_path / 'rank0.pt', weights_only=True)['sampler'] == 'RepeatAugSampler'
 
