@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -66,17 +65,13 @@ def measure(model_name: str, swap: str, args) -> dict:
     step = terms.make_step('inter+intra', terms.Tapped(model_name, args.batch_size, args.img_size))
 
     def run(name: str):
-        setattr(owner, attr, current if name.startswith('current') else earlier)
-        step()
+        def swapped_step():
+            setattr(owner, attr, current if name.startswith('current') else earlier)
+            step()
+        return overhead._timed(swapped_step)
 
-    times = {r: [] for r in RUNS}
     try:
-        for i in range(args.warmup + args.rounds):
-            for name in (RUNS if i % 2 == 0 else RUNS[::-1]):
-                t0 = time.perf_counter()
-                run(name)
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
+        times = overhead.interleaved_rounds({name: run(name) for name in RUNS}, args.rounds, args.warmup)
     finally:
         setattr(owner, attr, current)
     out = {}

@@ -57,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -349,11 +349,8 @@ def measure_trees(model_name: str, trees: Dict[str, str], args) -> Dict[str, dic
     try:
         for n in names:  # one at a time: the warm-up steps do not overlap
             workers[n] = TreeWorker(trees[n], model_name, TREE_STEPS[args.tree_step], args)
-        times = {n: [] for n in names}  # (wall, cpu) per round
         steal0, wall0 = steal_seconds(), time.perf_counter()
-        for r in range(args.rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                times[n].append(workers[n].step())
+        times = interleaved_rounds({n: workers[n].step for n in names}, args.rounds)  # (wall, cpu) per round
         steal1 = steal_seconds()
     finally:
         for w in workers.values():
@@ -415,6 +412,29 @@ def steal_share(stolen: Optional[float], wall: float) -> Optional[float]:
     return None if stolen is None or wall <= 0 else stolen / (wall * (os.cpu_count() or 1))
 
 
+def interleaved_rounds(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 0) -> Dict[str, list]:
+    """Call every run once per round, ``warmup + rounds`` rounds, in the order of ``runs`` in even rounds and in the
+    reverse order in odd ones (ABBA: no run always goes first or last), and return each run's results of the last
+    ``rounds`` rounds (what a run returns is its measurement: seconds, or a tuple of clocks)."""
+    names = list(runs)
+    out = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            result = runs[n]()
+            if r >= warmup:
+                out[n].append(result)
+    return out
+
+
+def _timed(fn: Callable) -> Callable[[], float]:
+    """``fn`` as a run of ``interleaved_rounds`` that returns its wall seconds."""
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
 def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
     same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
@@ -426,13 +446,8 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     for s in steps.values():
         for _ in range(args.warmup):
             s()
-    times = {c: [] for c in configs}
     steal0, wall0 = steal_seconds(), time.perf_counter()
-    for r in range(args.rounds):
-        for c in (configs if r % 2 == 0 else configs[::-1]):
-            t0 = time.perf_counter()
-            steps[c]()
-            times[c].append(time.perf_counter() - t0)
+    times = interleaved_rounds({c: _timed(steps[c]) for c in configs}, args.rounds)
     steal1 = steal_seconds()
     stolen = None if steal0 is None or steal1 is None else steal1 - steal0
     out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}

@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -100,16 +99,9 @@ def make_step(config: str, tapped: Tapped) -> Callable[[], tuple]:
 
 
 def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
+    from benchmarks.overhead import _timed, interleaved_rounds  # here: overhead imports this module
     tapped = Tapped(model_name, args.batch_size, args.img_size)
-    steps = {c: make_step(c, tapped) for c in args.configs}
-    times: Dict[str, List[float]] = {c: [] for c in args.configs}
-    for r in range(args.warmup + args.rounds):
-        order = list(args.configs) if r % 2 == 0 else list(reversed(args.configs))
-        for c in order:
-            t0 = time.perf_counter()
-            steps[c]()
-            if r >= args.warmup:
-                times[c].append(time.perf_counter() - t0)
+    times = interleaved_rounds({c: _timed(make_step(c, tapped)) for c in args.configs}, args.rounds, args.warmup)
     base = args.configs[0]
     return {c: {'ms': 1000 * statistics.median(times[c]),
                 'ratio': statistics.median(t / b for t, b in zip(times[c], times[base]))} for c in args.configs}

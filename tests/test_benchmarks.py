@@ -147,7 +147,21 @@ def test_terms_profile_lists_the_operators():
     """``terms.py --profile``: the operator table of the inter+intra step, with input shapes."""
     table = terms.profile('test_resnet', argparse.Namespace(batch_size=2, img_size=64, warmup=0, profile=1),
                           row_limit=-1)
-    assert 'Input Shapes' in table and 'aten::index_select' in table  # intra's gathers are among the operators
+    assert 'Input Shapes' in table and 'aten::index ' in table  # intra's gathers are among the operators
+
+
+def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():
+    calls = []
+
+    def run(name):
+        def call():
+            calls.append(name)
+            return len(calls)  # the call's place in the whole sequence
+        return call
+
+    out = overhead.interleaved_rounds({n: run(n) for n in 'abc'}, rounds=3, warmup=1)
+    assert ''.join(calls) == 'abc' + 'cba' + 'abc' + 'cba'  # round 0 is the warm-up
+    assert out == {'a': [6, 7, 12], 'b': [5, 8, 11], 'c': [4, 9, 10]}
 
 
 def test_median_interval():
