@@ -122,7 +122,7 @@ DOC_COMMANDS = {
                  '--reprob 0.4 --recount 3 --remode pixel --aa rand-m7-mstd0.5-inc1 -b 192 -j 6 --amp '
                  '--dist-bn reduce',
 }
-_SMALL = ['-b', '8', '-j', '0', '--epochs', '1', '--max-train-samples', '16', '--max-val-samples', '8',
+_SMALL = ['-b', '8', '-j', '0', '--epochs', '1', '--max-train-samples', '8', '--max-val-samples', '8',
           '--log-interval', '1']
 
 
