@@ -510,6 +510,12 @@ def floor_row(model_name: str, times: Dict[str, dict], args) -> dict:
     return row
 
 
+def _versions() -> str:
+    """torch, timm, the CPU instructions torch's kernels use (results move between hosts with it) and threads."""
+    return (f'torch {torch.__version__}, timm {timm.__version__}, CPU capability '
+            f'{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads')
+
+
 def median_interval(values, resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
     """95% percentile-bootstrap interval of the median of ``values`` (the per-round time ratios): how far the table's
     ratio could move on a rerun under the same conditions. It does not cover drift between days."""
@@ -572,13 +578,13 @@ def main():
         return
     if args.trees:
         trees = dict(item.split('=', 1) for item in args.trees.split(','))
-        print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-              f'batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, {_malloc(args)}, '
-              f'trees: {trees}\n')
+        print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, {args.rounds} timed rounds, '
+              f'{_malloc(args)}, trees: {trees}\n')
         rows = run_trees(trees, args.models.split(','), args)
         if args.json:
             with open(args.json, 'w') as f:
-                json.dump({'args': vars(args), 'results': rows}, f, indent=2)
+                json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                           'results': rows}, f, indent=2)
         return
     configs = list(CONFIGS) if args.configs == 'all' else [c.strip() for c in args.configs.split(',')]
     unknown = [c for c in configs if split_config(c)[0] not in CONFIGS]
@@ -589,8 +595,7 @@ def main():
     for c in list(configs):
         if baseline_of(c) not in configs:
             configs.insert(0, baseline_of(c))
-    print(f'torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, '
-          f'batch {args.batch_size}, {args.img_size}px, '
+    print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, '
           + ('memory probes only\n' if args.no_time else f'{args.rounds} timed rounds, {_malloc(args)}\n'))
     results = []
     header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
@@ -651,7 +656,8 @@ def main():
                           f'{m["extra_ms"]:.1f} | {m["floor_multiple"]:.1f} |')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'results': results, 'steal_share': steal, 'floor': floors}, f, indent=2)
+            json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                       'results': results, 'steal_share': steal, 'floor': floors}, f, indent=2)
 
 
 if __name__ == '__main__':
