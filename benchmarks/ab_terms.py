@@ -68,7 +68,7 @@ def measure(model_name: str, swap: str, args) -> dict:
         def swapped_step():
             setattr(owner, attr, current if name.startswith('current') else earlier)
             step()
-        return overhead._timed(swapped_step)
+        return overhead.timed(swapped_step)
 
     try:
         times = overhead.interleaved_rounds({name: run(name) for name in RUNS}, args.rounds, args.warmup)

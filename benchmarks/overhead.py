@@ -426,7 +426,7 @@ def interleaved_rounds(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: 
     return out
 
 
-def _timed(fn: Callable) -> Callable[[], float]:
+def timed(fn: Callable) -> Callable[[], float]:
     """``fn`` as a run of ``interleaved_rounds`` that returns its wall seconds."""
     def run() -> float:
         t0 = time.perf_counter()
@@ -447,7 +447,7 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
         for _ in range(args.warmup):
             s()
     steal0, wall0 = steal_seconds(), time.perf_counter()
-    times = interleaved_rounds({c: _timed(steps[c]) for c in configs}, args.rounds)
+    times = interleaved_rounds({c: timed(steps[c]) for c in configs}, args.rounds)
     steal1 = steal_seconds()
     stolen = None if steal0 is None or steal1 is None else steal1 - steal0
     out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}

@@ -14,8 +14,10 @@ first configuration.
 
 ``--profile N`` runs N steps of ``inter+intra`` under ``torch.profiler`` instead and prints the operators grouped by
 input shape, CPU time summed over the N steps (the stand-in's own ``aten::mul`` and ``aten::sum`` over full maps are
-the network's part). Both modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``,
-``--malloc``).
+the network's part). It tells which operators run, not what they cost: on resnet50's terms (2 threads) the operators
+that write a fresh full-size output (a gather of the 51 MB map, the pooling's backward product) read 10 to 30x their
+timed cost under the profiler; compare costs with the timed modes or ``ab_terms.py``. Both modes fix glibc's
+allocator settings as ``overhead.py`` does (``steady_malloc``, ``--malloc``).
 
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
@@ -99,9 +101,9 @@ def make_step(config: str, tapped: Tapped) -> Callable[[], tuple]:
 
 
 def measure(model_name: str, args) -> Dict[str, Dict[str, float]]:
-    from benchmarks.overhead import _timed, interleaved_rounds  # here: overhead imports this module
+    from benchmarks.overhead import timed, interleaved_rounds  # here: overhead imports this module
     tapped = Tapped(model_name, args.batch_size, args.img_size)
-    times = interleaved_rounds({c: _timed(make_step(c, tapped)) for c in args.configs}, args.rounds, args.warmup)
+    times = interleaved_rounds({c: timed(make_step(c, tapped)) for c in args.configs}, args.rounds, args.warmup)
     base = args.configs[0]
     return {c: {'ms': 1000 * statistics.median(times[c]),
                 'ratio': statistics.median(t / b for t, b in zip(times[c], times[base]))} for c in args.configs}
