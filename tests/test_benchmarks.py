@@ -207,6 +207,26 @@ def test_memory_only_rows(tmp_path, monkeypatch, capsys):
     assert 'nothing to measure' in capsys.readouterr().err
 
 
+def test_timed_rows_keep_every_round(tmp_path, monkeypatch):
+    """Time mode: each row keeps its rounds' step times, the ratio is the median of per-round ratios, and the JSON
+    records torch's CPU capability and the floor's paired estimate."""
+    out = tmp_path / 'time.json'
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra',
+                                      '--batch-size', '2', '--img-size', '32', '--rounds', '3', '--warmup', '1',
+                                      '--no-memory', '--floor', '--malloc', 'default', '--json', str(out)])
+    overhead.main()  # --malloc default: leaves this process's allocator settings alone
+    data = json.load(open(out))
+    assert data['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
+    rows = {r['config']: r for r in data['results']}
+    assert list(rows) == ['baseline', 'inter+intra']
+    base, tffd = rows['baseline']['round_times_ms'], rows['inter+intra']['round_times_ms']
+    assert len(base) == len(tffd) == 3 and all(t > 0 for t in base + tffd)
+    assert rows['inter+intra']['time_ratio'] == pytest.approx(sorted(a / b for a, b in zip(tffd, base))[1])
+    floor = data['floor'][0]
+    want = (rows['inter+intra']['time_ratio'] - 1) * sorted(base)[1]
+    assert floor['inter+intra']['extra_ms'] == pytest.approx(want)
+
+
 _MAPPINGS = r'''
 import sys, torch
 sys.path.insert(0, {root!r})

@@ -441,9 +441,9 @@ def test_ddp_grad_accumulation_and_repeated_augmentation(run_train, tmp_path):
                       tmp_path, '--output', tmp_path / 'out', *common, '-b', '4', '--grad-accum-steps', '2',
                       '--experiment', 'ddp')
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
+    rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert int(rank0['no_sync']) == 2  # 2 batches per epoch and rank: 1 unsynced micro-batch per update, 2 epochs
-    assert rank0['returned'] == 'ConvNeXt'  # the timm model itself, no longer inside DDP
+    assert rank0['returned'] == rank1['returned'] == 'ConvNeXt'  # the timm model itself, no longer inside DDP
     one = run_train(*common, '-b', '16', '--experiment', 'one')
     state = one.task.get_trainable_module().state_dict()
     for k, v in state.items():
