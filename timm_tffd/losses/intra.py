@@ -56,7 +56,13 @@ def salience_order(scores: torch.Tensor) -> torch.Tensor:
     index = torch.arange(scores.shape[0], device=scores.device)
     higher, same = scores[None, :] > scores[:, None], scores[None, :] == scores[:, None]
     position = (higher | (same & (index[None, :] < index[:, None]))).sum(1)  # channels ranked before each one
-    return ((position[None, :] == index[:, None]) * index[None, :]).sum(1)
+    return _inverse_permutation(position)
+
+
+def _inverse_permutation(p: torch.Tensor) -> torch.Tensor:
+    """``q`` with ``q[p[i]] = i``, by ``C x C`` comparisons (no scatter: see ``salience_order``)."""
+    index = torch.arange(p.shape[0], device=p.device)
+    return ((p[None, :] == index[:, None]) * index[None, :]).sum(1)
 
 
 def _pair_count(f: torch.Tensor) -> int:
@@ -123,8 +129,7 @@ def _partner_sum(f: torch.Tensor, ranked: torch.Tensor, half: int, detach_salien
     inter+intra step: 0.95x the time of the paired form recomputed under ``torch.utils.checkpoint`` (docs/design.md,
     "Intra-layer pairs")."""
     with torch.no_grad():
-        index = torch.arange(ranked.shape[0], device=ranked.device)
-        position = ((ranked[None, :] == index[:, None]) * index[None, :]).sum(1)  # where each channel is ranked
+        position = _inverse_permutation(ranked)  # where each channel is ranked
         partner = ranked[torch.where(position < half, position + half,
                                      torch.where(position < 2 * half, position - half, position))]
     squares = (f - f.detach()[:, partner]).to(accumulation_dtype(f.dtype)).square()
