@@ -14,11 +14,14 @@ Earlier forms (``--swap``):
 * ``depthwise-conv``: inter pools a float32 map on the CPU by a depthwise convolution with weights ``1 / (kh * kw)``
   (stride = kernel), the form before the matrix product;
 * ``whole-gather``: intra's forward gathers the whole map in partner order and halves the squared norm of
-  ``f[:, partner] - f`` (every pair counted twice), instead of gathering the two halves.
+  ``f[:, partner] - f`` (every pair counted twice), instead of gathering the two halves;
+* ``advanced-indexing``: intra gathers channels by advanced indexing (``f[:, index]``) on every map, instead of
+  ``index_select`` on contiguous maps (``intra._channels``).
 
     python benchmarks/ab_terms.py --swap avg_pool2d --models resnet50,resnet18 --rounds 41
     python benchmarks/ab_terms.py --swap depthwise-conv --models resnet50,resnet18 --rounds 41 --threads 2
     python benchmarks/ab_terms.py --swap whole-gather --rounds 41 --threads 2
+    python benchmarks/ab_terms.py --swap advanced-indexing --models resnet50,resnet18 --rounds 31 --threads 2
 """
 import argparse
 import os
@@ -54,6 +57,7 @@ SWAPS = {
     'avg_pool2d': (inter, 'block_mean', lambda x, kernel: F.avg_pool2d(x, kernel)),
     'depthwise-conv': (inter, 'block_mean', _conv_block_mean),
     'whole-gather': (intra._PartnerMSE, 'forward', staticmethod(_whole_gather_forward)),
+    'advanced-indexing': (intra, '_channels', lambda f, index: f[:, index]),
 }
 RUNS = ('current', 'earlier', 'current#2', 'earlier#2')
 
