@@ -20,11 +20,19 @@ the network's part). It tells which operators run, not what they cost: on resnet
 profiled steps took 665 ms each against 140 ms timed; compare costs with the timed modes or ``ab_terms.py``. Both
 modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``, ``--malloc``).
 
+``--traffic DTYPES`` counts instead the bytes the terms read and write in one step, operator by operator (``Traffic``:
+a byte model, each tensor argument read once, each output written once; no timing, so the same on any machine), with
+the maps in each dtype, and gives the total as passes over the tapped maps: what the ``--floor`` of ``overhead.py``
+(four passes) is to be compared with. ``bfloat16`` stands for a GPU's mixed precision (half-size maps, float32
+accumulation where the terms ask for it).
+
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
     python benchmarks/terms.py --models resnet50 --threads 2 --profile 5
+    python benchmarks/terms.py --models resnet50,resnet18,vit_small_patch16_224 --traffic float32,bfloat16
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -32,6 +40,8 @@ from typing import Callable, Dict, List
 
 import torch
 import timm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import timm_tffd
 from timm_tffd.losses.saliency import channels_last_map
@@ -122,6 +132,86 @@ def profile(model_name: str, args, row_limit: int = 25) -> str:
     return prof.key_averages(group_by_input_shape=True).table(sort_by='self_cpu_time_total', row_limit=row_limit)
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct values of ``t`` (an expanded dimension, stride 0, counts once)."""
+    return t.element_size() * math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0)
+
+
+class Traffic(TorchDispatchMode):
+    """Counts, per ATen operator, the calls and the bytes of the tensors each call reads and writes, for every operator
+    that runs while the mode is on, the autograd engine's included (the backward's gradient formulas and the additions
+    that accumulate a tensor's gradients).
+
+    A byte model, not a hardware count: an operator reads each tensor argument whole once and writes its outputs once
+    (an in-place operator writes the tensor it mutates); a gather (``index_select``, advanced indexing) reads what it
+    writes. Views and operators that return their input's memory move nothing. Under the mode autograd adds gradients
+    out of place (the mode holds references to them) where it would add in place, the same bytes either way.
+    ``TorchDispatchMode`` is PyTorch's private module for this (``torch.utils.flop_counter`` is built on it)."""
+
+    GATHERS = ('aten.index_select.default', 'aten.index.Tensor')
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Dict[str, List[int]] = {}  # name: [calls, bytes read, bytes written]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr() for t in ins}
+        if func.is_view or (not func._schema.is_mutable and outs
+                            and all(t.untyped_storage().data_ptr() in storages for t in outs)):
+            return out
+        written = sum(tensor_bytes(t) for t in outs)
+        if str(func) in self.GATHERS:
+            read = written + sum(tensor_bytes(t) for t in ins if not t.is_floating_point())  # the values, the index
+        else:
+            read = sum(tensor_bytes(t) for t in ins)
+        row = self.ops.setdefault(str(func), [0, 0, 0])
+        row[0] += 1
+        row[1] += read
+        row[2] += written
+        return out
+
+
+def traffic(model_name: str, args, dtype: torch.dtype = torch.float32) -> Dict[str, List[int]]:
+    """Per operator, ``[calls, bytes read, bytes written]`` that the Tf-FD terms add to a step (``inter+intra``'s
+    operators less those of ``network``'s, counted by ``Traffic`` on one step of each after a warm-up step), with the
+    maps in ``dtype``; the bytes of the tapped maps under the key ``'maps'``."""
+    tapped = Tapped(model_name, args.batch_size, args.img_size)
+    tapped.leaves = [f.detach().to(dtype).requires_grad_() for f in tapped.leaves]
+    tapped.upstream = [u.to(dtype) for u in tapped.upstream]
+    counts = {}
+    for config in ('network', 'inter+intra'):
+        step = make_step(config, tapped)
+        step()
+        with Traffic() as mode:
+            step()
+        counts[config] = mode.ops
+    added = {}
+    for name, row in counts['inter+intra'].items():
+        base = counts['network'].get(name, [0, 0, 0])
+        diff = [a - b for a, b in zip(row, base)]
+        if any(diff):
+            added[name] = diff
+    added['maps'] = [len(tapped.leaves), sum(tensor_bytes(f) for f in tapped.maps(tapped.leaves)), 0]
+    return added
+
+
+def traffic_table(model_name: str, args, dtype: torch.dtype = torch.float32) -> str:
+    """``traffic`` as a table, largest operators first, and the total in passes over the tapped maps."""
+    ops = traffic(model_name, args, dtype)
+    maps = ops.pop('maps')[1]
+    rows = sorted(ops.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))
+    total = sum(r + w for _, r, w in ops.values())
+    lines = [f'{model_name}, maps {str(dtype).replace("torch.", "")}: the tapped maps {maps / 2 ** 20:.1f} MB; the '
+             f'terms read and write {total / 2 ** 20:.0f} MB per step, {total / maps:.1f} passes over the maps',
+             '', '| operator | calls | read (MB) | written (MB) | passes |', '|---|---:|---:|---:|---:|']
+    lines += [f'| {name} | {c} | {r / 2 ** 20:.1f} | {w / 2 ** 20:.1f} | {(r + w) / maps:.2f} |'
+              for name, (c, r, w) in rows if r + w >= maps / 1000]
+    return '\n'.join(lines)
+
+
 def main():
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
     from benchmarks import overhead  # here: overhead imports this module
@@ -136,12 +226,20 @@ def main():
     overhead.add_malloc_argument(parser)
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='profile N steps of inter+intra instead of timing the configurations')
+    parser.add_argument('--traffic', default='', metavar='DTYPES',
+                        help='count the bytes the terms read and write per step instead of timing them, maps in '
+                             'each of these dtypes (e.g. float32,bfloat16)')
     args = parser.parse_args()
     setup = overhead.single_process_timing(args.threads, args.malloc)
     args.configs = args.configs.split(',')
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f'unknown configuration(s) {unknown}; choose from {", ".join(CONFIGS)}')
+    if args.traffic:
+        for name in args.models.split(','):
+            for dtype in args.traffic.split(','):
+                print(traffic_table(name, args, getattr(torch, dtype)) + '\n', flush=True)
+        return
     if args.profile:
         for name in args.models.split(','):
             print(f'{name}: {args.profile} steps of inter+intra, batch {args.batch_size}, {args.img_size} px, {setup}')

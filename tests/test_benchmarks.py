@@ -150,6 +150,42 @@ def test_terms_profile_lists_the_operators():
     assert 'Input Shapes' in table and 'aten::index_select' in table  # intra's gathers (contiguous maps)
 
 
+def test_traffic_counts_the_bytes_each_operator_reads_and_writes():
+    x, b = torch.randn(1000), torch.randn(1000)  # 4000 bytes each
+    index = torch.arange(0, 1000, 2)  # 500 int64: 4000 bytes
+    scale = torch.tensor(2.)
+    with terms.Traffic() as mode:
+        x.view(10, 100).t()  # views move nothing
+        half = x.index_select(0, index)  # a gather reads what it writes, and the index
+        x.sub_(b)  # reads both, writes x
+        x * scale.expand(1000)  # an expanded operand counts once
+    assert mode.ops == {'aten.index_select.default': [1, 2000 + 4000, 2000], 'aten.sub_.Tensor': [1, 8000, 4000],
+                        'aten.mul.Tensor': [1, 4004, 4000]}
+    assert half.numel() == 500
+
+
+def test_traffic_of_the_terms():
+    """``terms.py --traffic``: what the terms add to a step, by operator; the maps' bytes from the model itself."""
+    args = argparse.Namespace(batch_size=2, img_size=64)
+    ops = terms.traffic('test_resnet', args)
+    net = timm.create_model('test_resnet')
+    with torch.no_grad():
+        _, maps = net.forward_intermediates(torch.randn(2, 3, 64, 64), indices=timm_tffd.resolve_stages(net))
+    assert ops.pop('maps') == [len(maps), sum(4 * m.numel() for m in maps), 0]
+    # intra gathers each map's two halves forward and the whole map backward: two maps' bytes, read and written
+    # (the indices: two halves of int64 forward, the whole channel permutation backward)
+    index_bytes = sum(8 * (2 * (m.shape[1] // 2) + m.shape[1]) for m in maps)
+    values = 2 * sum(4 * m.numel() for m in maps)
+    assert ops['aten.index_select.default'] == [3 * len(maps), values + index_bytes, values]
+    total = sum(r + w for _, r, w in ops.values()) / sum(4 * m.numel() for m in maps)
+    table = terms.traffic_table('test_resnet', args)
+    assert f'{total:.1f} passes over the maps' in table.splitlines()[0]
+    assert '| aten.index_select.default | 12 |' in table
+    half = terms.traffic('test_resnet', args, torch.bfloat16)
+    assert half.pop('maps')[1] == sum(2 * m.numel() for m in maps)
+    assert half['aten.index_select.default'][2] == ops['aten.index_select.default'][2] // 2
+
+
 def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():
     calls = []
 
