@@ -21,7 +21,7 @@ Earlier forms (``--swap``):
     python benchmarks/ab_terms.py --swap avg_pool2d --models resnet50,resnet18 --rounds 41
     python benchmarks/ab_terms.py --swap depthwise-conv --models resnet50,resnet18 --rounds 41 --threads 2
     python benchmarks/ab_terms.py --swap whole-gather --rounds 41 --threads 2
-    python benchmarks/ab_terms.py --swap advanced-indexing --models resnet50,resnet18 --rounds 31 --threads 2
+    python benchmarks/ab_terms.py --swap advanced-indexing --models resnet50,resnet18 --rounds 81 --threads 2
 """
 import argparse
 import os

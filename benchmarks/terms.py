@@ -56,9 +56,10 @@ class Tapped:
 
     A ResNet's leaf is its NCHW stage output and the map is the leaf. A ViT's leaf is a block's ``(B, N, C)`` token
     tensor, its ``num_prefix_tokens`` (the class token) included, and the map is the NCHW view of its patch tokens
-    (channels-last memory), as ``FeatureTaps`` makes it. Values: ReLU'd Gaussians."""
+    (channels-last memory), as ``FeatureTaps`` makes it; with ``channels_last``, a CNN's maps are channels-last too (as
+    when training with ``--channels-last``). Values: ReLU'd Gaussians."""
 
-    def __init__(self, model_name: str, batch_size: int, img_size: int):
+    def __init__(self, model_name: str, batch_size: int, img_size: int, channels_last: bool = False):
         self.model = model = timm_tffd.wrap(timm.create_model(model_name, img_size=img_size) if 'vit' in model_name
                                             else timm.create_model(model_name), 'inter,intra')
         model.train()
@@ -77,7 +78,10 @@ class Tapped:
             else:
                 self.prefix.append(None)
                 shape = (batch_size, c, h, w)
-            self.leaves.append(torch.randn(shape, generator=g).relu_().requires_grad_())
+            leaf = torch.randn(shape, generator=g).relu_()
+            if channels_last and len(shape) == 4:
+                leaf = leaf.contiguous(memory_format=torch.channels_last)
+            self.leaves.append(leaf.requires_grad_())
         self.grid = [tuple(f.shape[2:]) for f in feats]
         self.upstream = [torch.randn(f.shape, generator=g) for f in self.leaves]
 
@@ -144,41 +148,48 @@ class Traffic(TorchDispatchMode):
 
     A byte model, not a hardware count: an operator reads each tensor argument whole once and writes its outputs once
     (an in-place operator writes the tensor it mutates); a gather (``index_select``, advanced indexing) reads what it
-    writes. Views and operators that return their input's memory move nothing. Under the mode autograd adds gradients
-    out of place (the mode holds references to them) where it would add in place, the same bytes either way.
+    writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write. Views,
+    operators that return their input's memory, and ``empty`` move nothing. Under the mode autograd adds gradients out
+    of place (the mode holds references to them) where it would add in place, the same bytes either way.
     ``TorchDispatchMode`` is PyTorch's private module for this (``torch.utils.flop_counter`` is built on it)."""
 
-    GATHERS = ('aten.index_select.default', 'aten.index.Tensor')
+    GATHERS = {'aten.index_select.default': 2, 'aten.index.Tensor': 1}  # operator: position of its index argument
+    OVERWRITE = ('aten.copy_.default', 'aten.fill_.Scalar', 'aten.fill_.Tensor', 'aten.zero_.default')
 
     def __init__(self):
         super().__init__()
         self.ops: Dict[str, List[int]] = {}  # name: [calls, bytes read, bytes written]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func)
+        tensors = lambda tree: [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]  # noqa: E731
+        ins, outs = tensors((args, kwargs)), tensors(out)
         storages = {t.untyped_storage().data_ptr() for t in ins}
-        if func.is_view or (not func._schema.is_mutable and outs
-                            and all(t.untyped_storage().data_ptr() in storages for t in outs)):
+        if func.is_view or name.startswith(('aten.empty', 'aten.new_empty')) or (
+                not func._schema.is_mutable and outs and all(t.untyped_storage().data_ptr() in storages for t in outs)):
             return out
         written = sum(tensor_bytes(t) for t in outs)
-        if str(func) in self.GATHERS:
-            read = written + sum(tensor_bytes(t) for t in ins if not t.is_floating_point())  # the values, the index
+        if name in self.GATHERS:
+            read = written + sum(tensor_bytes(t) for t in tensors(args[self.GATHERS[name]]))
         else:
-            read = sum(tensor_bytes(t) for t in ins)
-        row = self.ops.setdefault(str(func), [0, 0, 0])
+            skip = tensors(kwargs.get('out')) + (tensors(args[0]) if name in self.OVERWRITE else [])
+            read = sum(tensor_bytes(t) for t in ins if not any(t is u for u in skip))
+        row = self.ops.setdefault(name, [0, 0, 0])
         row[0] += 1
         row[1] += read
         row[2] += written
         return out
 
 
-def traffic(model_name: str, args, dtype: torch.dtype = torch.float32) -> Dict[str, List[int]]:
+def traffic(model_name: str, args, dtype: torch.dtype = torch.float32,
+            channels_last: bool = False) -> Dict[str, List[int]]:
     """Per operator, ``[calls, bytes read, bytes written]`` that the Tf-FD terms add to a step (``inter+intra``'s
     operators less those of ``network``'s, counted by ``Traffic`` on one step of each after a warm-up step), with the
-    maps in ``dtype``; the bytes of the tapped maps under the key ``'maps'``."""
-    tapped = Tapped(model_name, args.batch_size, args.img_size)
+    maps in ``dtype`` (and a CNN's maps in channels-last memory with ``channels_last``); the bytes of the tapped maps
+    under the key ``'maps'``."""
+    tapped = Tapped(model_name, args.batch_size, args.img_size, channels_last)
     tapped.leaves = [f.detach().to(dtype).requires_grad_() for f in tapped.leaves]
     tapped.upstream = [u.to(dtype) for u in tapped.upstream]
     counts = {}
@@ -189,23 +200,27 @@ def traffic(model_name: str, args, dtype: torch.dtype = torch.float32) -> Dict[s
             step()
         counts[config] = mode.ops
     added = {}
-    for name, row in counts['inter+intra'].items():
-        base = counts['network'].get(name, [0, 0, 0])
-        diff = [a - b for a, b in zip(row, base)]
+    for name in sorted(set(counts['network']) | set(counts['inter+intra'])):
+        diff = [a - b for a, b in zip(counts['inter+intra'].get(name, [0, 0, 0]), counts['network'].get(name, [0] * 3))]
+        if any(d < 0 for d in diff):
+            raise RuntimeError(f'{model_name}: the plain step ran more of {name} than the step with the terms ({diff})')
         if any(diff):
             added[name] = diff
     added['maps'] = [len(tapped.leaves), sum(tensor_bytes(f) for f in tapped.maps(tapped.leaves)), 0]
     return added
 
 
-def traffic_table(model_name: str, args, dtype: torch.dtype = torch.float32) -> str:
-    """``traffic`` as a table, largest operators first, and the total in passes over the tapped maps."""
-    ops = traffic(model_name, args, dtype)
+def traffic_table(model_name: str, args, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> str:
+    """``traffic`` as a table, largest operators first, and the total in passes over the tapped maps (MB: 2**20
+    bytes)."""
+    ops = traffic(model_name, args, dtype, channels_last)
     maps = ops.pop('maps')[1]
     rows = sorted(ops.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))
     total = sum(r + w for _, r, w in ops.values())
-    lines = [f'{model_name}, maps {str(dtype).replace("torch.", "")}: the tapped maps {maps / 2 ** 20:.1f} MB; the '
-             f'terms read and write {total / 2 ** 20:.0f} MB per step, {total / maps:.1f} passes over the maps',
+    layout = ', channels-last' if channels_last else ''
+    lines = [f'{model_name}, batch {args.batch_size}, {args.img_size} px, maps {str(dtype).replace("torch.", "")}'
+             f'{layout}: the tapped maps {maps / 2 ** 20:.1f} MB; the terms run {sum(c for c, _, _ in ops.values())} '
+             f'operators and read and write {total / 2 ** 20:.0f} MB per step, {total / maps:.1f} passes over the maps',
              '', '| operator | calls | read (MB) | written (MB) | passes |', '|---|---:|---:|---:|---:|']
     lines += [f'| {name} | {c} | {r / 2 ** 20:.1f} | {w / 2 ** 20:.1f} | {(r + w) / maps:.2f} |'
               for name, (c, r, w) in rows if r + w >= maps / 1000]
@@ -229,6 +244,8 @@ def main():
     parser.add_argument('--traffic', default='', metavar='DTYPES',
                         help='count the bytes the terms read and write per step instead of timing them, maps in '
                              'each of these dtypes (e.g. float32,bfloat16)')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='--traffic: a CNN\'s maps in channels-last memory (as training with --channels-last)')
     args = parser.parse_args()
     setup = overhead.single_process_timing(args.threads, args.malloc)
     args.configs = args.configs.split(',')
@@ -238,7 +255,7 @@ def main():
     if args.traffic:
         for name in args.models.split(','):
             for dtype in args.traffic.split(','):
-                print(traffic_table(name, args, getattr(torch, dtype)) + '\n', flush=True)
+                print(traffic_table(name, args, getattr(torch, dtype), args.channels_last) + '\n', flush=True)
         return
     if args.profile:
         for name in args.models.split(','):

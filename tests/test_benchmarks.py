@@ -151,39 +151,59 @@ def test_terms_profile_lists_the_operators():
 
 
 def test_traffic_counts_the_bytes_each_operator_reads_and_writes():
-    x, b = torch.randn(1000), torch.randn(1000)  # 4000 bytes each
-    index = torch.arange(0, 1000, 2)  # 500 int64: 4000 bytes
+    x, b, y = torch.randn(1000), torch.randn(1000), torch.empty(1000)  # 4000 bytes each
+    index, positions = torch.arange(0, 1000, 2), torch.arange(500)  # 500 int64: 4000 bytes each
     scale = torch.tensor(2.)
     with terms.Traffic() as mode:
         x.view(10, 100).t()  # views move nothing
+        torch.ops.aten._unsafe_view(x, [10, 100])  # nor does an operator returning its input's memory
+        torch.empty(1000)  # nor an allocation
         half = x.index_select(0, index)  # a gather reads what it writes, and the index
+        index[positions]  # gathering from an integer tensor: the same rule
         x.sub_(b)  # reads both, writes x
         x * scale.expand(1000)  # an expanded operand counts once
-    assert mode.ops == {'aten.index_select.default': [1, 2000 + 4000, 2000], 'aten.sub_.Tensor': [1, 8000, 4000],
-                        'aten.mul.Tensor': [1, 4004, 4000]}
+        y.copy_(x)  # reads the source only
+        torch.max(x.view(10, 100), 1)  # two outputs: 10 float32 values, 10 int64 indices
+        torch.add(x, b, out=y)  # an out= tensor is written, not read
+    assert mode.ops == {'aten.index_select.default': [1, 2000 + 4000, 2000],
+                        'aten.index.Tensor': [1, 4000 + 4000, 4000], 'aten.sub_.Tensor': [1, 8000, 4000],
+                        'aten.mul.Tensor': [1, 4004, 4000],
+                        'aten.copy_.default': [1, 4000, 4000], 'aten.max.dim': [1, 4000, 40 + 80],
+                        'aten.add.out': [1, 8000, 4000]}
     assert half.numel() == 500
 
 
-def test_traffic_of_the_terms():
-    """``terms.py --traffic``: what the terms add to a step, by operator; the maps' bytes from the model itself."""
+@pytest.mark.parametrize('model,gather', [('test_resnet', 'aten.index_select.default'),
+                                          ('test_vit', 'aten.index.Tensor')])
+def test_traffic_of_the_terms(model, gather):
+    """``terms.py --traffic``: what the terms add to a step, by operator; the maps' bytes and intra's gathers from the
+    model's own maps (a ResNet's contiguous maps gathered by ``index_select``, a ViT's token views by indexing)."""
     args = argparse.Namespace(batch_size=2, img_size=64)
-    ops = terms.traffic('test_resnet', args)
-    net = timm.create_model('test_resnet')
+    ops = terms.traffic(model, args)
+    net = timm.create_model(model, **({'img_size': 64} if 'vit' in model else {}))
     with torch.no_grad():
         _, maps = net.forward_intermediates(torch.randn(2, 3, 64, 64), indices=timm_tffd.resolve_stages(net))
     assert ops.pop('maps') == [len(maps), sum(4 * m.numel() for m in maps), 0]
-    # intra gathers each map's two halves forward and the whole map backward: two maps' bytes, read and written
-    # (the indices: two halves of int64 forward, the whole channel permutation backward)
+    # intra gathers each map's two halves forward and the whole map backward: two maps' bytes, read and written, and
+    # the indices (int64: the two halves forward, the whole channel permutation backward)
     index_bytes = sum(8 * (2 * (m.shape[1] // 2) + m.shape[1]) for m in maps)
     values = 2 * sum(4 * m.numel() for m in maps)
-    assert ops['aten.index_select.default'] == [3 * len(maps), values + index_bytes, values]
-    total = sum(r + w for _, r, w in ops.values()) / sum(4 * m.numel() for m in maps)
-    table = terms.traffic_table('test_resnet', args)
-    assert f'{total:.1f} passes over the maps' in table.splitlines()[0]
-    assert '| aten.index_select.default | 12 |' in table
-    half = terms.traffic('test_resnet', args, torch.bfloat16)
+    assert ops[gather] == [3 * len(maps), values + index_bytes, values]
+    assert all(v >= 0 for row in ops.values() for v in row) and all(any(row) for row in ops.values())
+    table = terms.traffic_table(model, args)  # the table's format
+    assert f'| {gather} | {3 * len(maps)} |' in table and 'passes over the maps' in table.splitlines()[0]
+    half = terms.traffic(model, args, torch.bfloat16)
     assert half.pop('maps')[1] == sum(2 * m.numel() for m in maps)
-    assert half['aten.index_select.default'][2] == ops['aten.index_select.default'][2] // 2
+    assert half[gather][2] == ops[gather][2] // 2
+
+
+def test_traffic_with_channels_last_maps():
+    """A CNN's channels-last maps (``--channels-last``) are gathered by indexing, as the token views are."""
+    args = argparse.Namespace(batch_size=2, img_size=64)
+    tapped = terms.Tapped('test_resnet', 2, 64, channels_last=True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f in tapped.leaves)
+    ops = terms.traffic('test_resnet', args, channels_last=True)
+    assert 'aten.index_select.default' not in ops and ops['aten.index.Tensor'][0] == 3 * len(tapped.leaves)
 
 
 def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():

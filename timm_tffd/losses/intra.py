@@ -67,9 +67,10 @@ def _inverse_permutation(p: torch.Tensor) -> torch.Tensor:
 
 def _channels(f: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``f[:, index]``. On a contiguous NCHW map ``index_select`` copies whole channel planes: on the CPU (2 threads)
-    it takes 0.25 to 0.6x the time of advanced indexing on resnet50's and resnet18's maps; on a channels-last map (a
-    ViT's token view) advanced indexing is the faster (0.4 to 0.7x of ``index_select``), so those keep it. What it buys
-    the terms: docs/design.md, "Intra-layer pairs"."""
+    it takes 0.2 to 0.5x the time of advanced indexing on half of resnet18's and resnet50's layer1 channels; on a
+    ViT's token view advanced indexing is the faster (0.4x of ``index_select``), and every map that is not contiguous
+    (token views, channels-last CNN maps, sliced maps) keeps it. Measured on the CPU only; what it buys the terms:
+    docs/design.md, "Intra-layer pairs"."""
     return f.index_select(1, index) if f.is_contiguous() else f[:, index]
 
 
