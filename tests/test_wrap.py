@@ -231,6 +231,35 @@ def test_default_step_reads_no_tensor_value_on_the_host(family, monkeypatch):
     assert reads == ['__bool__']
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('family', ['resnet', 'vit', 'convnext'])
+@pytest.mark.parametrize('amp', [False, True])
+def test_default_step_does_not_synchronize_on_cuda(family, amp):
+    """On a GPU a default training step (forward under float16 autocast or not, Tf-FD loss, backward, SGD step) makes
+    no operation that waits for the device: ``torch.cuda.set_sync_debug_mode('error')`` raises at any that would."""
+    model, x = _create(family)
+    model.cuda().to(memory_format=torch.channels_last)
+    x, target = x.cuda().contiguous(memory_format=torch.channels_last), (torch.arange(4) % 5).cuda()
+    task = TfFDTask(model, nn.CrossEntropyLoss(), verbose=False).train()
+    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.float16, enabled=amp):
+            result = task(x, target)
+        result['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return result
+    step()  # lazy initialization (kernels, the optimizer's state) outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        result = step()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert torch.isfinite(result['loss']) and result['tffd'] > 0
+
+
 def test_schedule():
     s = TfFDConfig(warmup_epochs=20).multiplier
     assert [s(e) for e in (0, 9, 19, 50)] == [pytest.approx(0.05), pytest.approx(0.5), 1.0, 1.0]
@@ -296,13 +325,17 @@ def test_task_dict_state_and_ema():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))])  # cuda: inductor's Triton kernels
 @pytest.mark.parametrize('family', ['resnet', 'vit', 'convnext'])  # vit: token views and runs of equal-shape maps
-def test_task_compiles_without_graph_breaks(family):
+def test_task_compiles_without_graph_breaks(family, device):
     """The task compiled as the training script's --torchcompile compiles it (timm's ``task.compile``, inductor),
     plus ``fullgraph=True``: one graph, no break, and the same loss, terms and parameter gradients as eager.
     ``fullgraph=True`` makes any break an error: ``explain`` does not report breaks inside a checkpointed function
     (intra's recomputed forms)."""
     model, x = _create(family)
+    model.to(device)
+    x = x.to(device)
     task = TfFDTask(model, nn.CrossEntropyLoss(), tffd=TfFDConfig(warmup_epochs=0), verbose=False).train()
     explanation = torch._dynamo.explain(task.trainable_module)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
@@ -310,7 +343,7 @@ def test_task_compiles_without_graph_breaks(family):
 
     eager = copy.deepcopy(task).train()
     task.compile(backend='inductor', fullgraph=True)
-    target = torch.arange(4) % 5
+    target = (torch.arange(4) % 5).to(device)
     got, want = task(x, target), eager(x, target)
     for key in ('loss', 'tffd', 'tffd_inter', 'tffd_intra'):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
