@@ -22,14 +22,16 @@ modes fix glibc's allocator settings as ``overhead.py`` does (``steady_malloc``,
 
 ``--traffic DTYPES`` counts instead the bytes the terms read and write in one step, operator by operator (``Traffic``:
 a byte model, each tensor argument read once, each output written once; no timing, so the same on any machine), with
-the maps in each dtype, and gives the total as passes over the tapped maps: what the ``--floor`` of ``overhead.py``
-(four passes) is to be compared with. ``bfloat16`` stands for a GPU's mixed precision (half-size maps, float32
-accumulation where the terms ask for it).
+the maps in each dtype (``--channels-last``: a CNN's maps in channels-last memory), and gives the total as passes over
+the tapped maps: what the ``--floor`` of ``overhead.py`` (four passes) is to be compared with. ``float16`` and
+``bfloat16`` stand for a GPU's mixed precision (half-size maps, float32 accumulation where the terms ask for it; the
+count runs without autocast).
 
     python benchmarks/terms.py                              # resnet50 and vit_small at 224 px, batch 16
     python benchmarks/terms.py --models resnet18 --rounds 5
     python benchmarks/terms.py --models resnet50 --threads 2 --profile 5
-    python benchmarks/terms.py --models resnet50,resnet18,vit_small_patch16_224 --traffic float32,bfloat16
+    python benchmarks/terms.py --models resnet50,resnet18,vit_small_patch16_224 --traffic float32,bfloat16,float16
+    python benchmarks/terms.py --models resnet50,resnet18 --traffic float32,float16 --channels-last
 """
 import argparse
 import math
