@@ -43,7 +43,6 @@ from typing import Callable, Dict, List
 import torch
 import timm
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import timm_tffd
 from timm_tffd.losses.saliency import channels_last_map
@@ -138,6 +137,14 @@ def profile(model_name: str, args, row_limit: int = 25) -> str:
     return prof.key_averages(group_by_input_shape=True).table(sort_by='self_cpu_time_total', row_limit=row_limit)
 
 
+def _tensors(tree) -> List[torch.Tensor]:
+    """The tensors in an operator's arguments or outputs (tensors, lists and tuples of them, a dict of keywords)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the distinct values of ``t`` (an expanded dimension, stride 0, counts once)."""
     return t.element_size() * math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0)
@@ -153,7 +160,8 @@ class Traffic(TorchDispatchMode):
     writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write. Views,
     operators that return their input's memory, and ``empty`` move nothing. Under the mode autograd adds gradients out
     of place (the mode holds references to them) where it would add in place, the same bytes either way.
-    ``TorchDispatchMode`` is PyTorch's private module for this (``torch.utils.flop_counter`` is built on it)."""
+    ``TorchDispatchMode`` is PyTorch's private module for this, with no public counterpart (``torch.utils.flop_counter``
+    is built on it); an operator's ``torch.Tag.inplace`` and ``torch.Tag.out`` tags say that it writes an argument."""
 
     GATHERS = {'aten.index_select.default': 2, 'aten.index.Tensor': 1}  # operator: position of its index argument
     OVERWRITE = ('aten.copy_.default', 'aten.fill_.Scalar', 'aten.fill_.Tensor', 'aten.zero_.default')
@@ -166,17 +174,17 @@ class Traffic(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = str(func)
-        tensors = lambda tree: [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]  # noqa: E731
-        ins, outs = tensors((args, kwargs)), tensors(out)
+        ins, outs = _tensors((args, kwargs)), _tensors(out)
         storages = {t.untyped_storage().data_ptr() for t in ins}
+        writes_argument = torch.Tag.inplace in func.tags or torch.Tag.out in func.tags
         if func.is_view or name.startswith(('aten.empty', 'aten.new_empty')) or (
-                not func._schema.is_mutable and outs and all(t.untyped_storage().data_ptr() in storages for t in outs)):
+                not writes_argument and outs and all(t.untyped_storage().data_ptr() in storages for t in outs)):
             return out
         written = sum(tensor_bytes(t) for t in outs)
         if name in self.GATHERS:
-            read = written + sum(tensor_bytes(t) for t in tensors(args[self.GATHERS[name]]))
+            read = written + sum(tensor_bytes(t) for t in _tensors(args[self.GATHERS[name]]))
         else:
-            skip = tensors(kwargs.get('out')) + (tensors(args[0]) if name in self.OVERWRITE else [])
+            skip = _tensors(kwargs.get('out')) + (_tensors(args[0]) if name in self.OVERWRITE else [])
             read = sum(tensor_bytes(t) for t in ins if not any(t is u for u in skip))
         row = self.ops.setdefault(name, [0, 0, 0])
         row[0] += 1
