@@ -26,6 +26,12 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   the copy bandwidth measured in the same process, and the measured extra time of ``inter+intra`` (eager and
   compiled; the table's ratio minus one, times the plain step's median time) as a multiple of it. The JSON keeps
   every round's step times (``round_times_ms``).
+* ``--noise-check PAIRS``: before a table, whether this host can resolve it: the plain step and its copy run as
+  PAIRS adjacent pairs (``baseline``, ``baseline-copy``, the order alternating), and from the scatter of their
+  per-pair time ratios (``noise_check``) it prints how wide the interval of a ``--rounds``-round table would be and how
+  many rounds a 1% interval needs. Adjacent steps are the closest pairing there is; a table's round puts its other
+  configurations between a row and its baseline, so its intervals come out about this wide or wider (the scatter
+  grows with the steps between two timed ones on a noisy host).
 * ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
   ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
   time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
@@ -36,6 +42,7 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
     python benchmarks/overhead.py --device cuda --amp --channels-last --compiled --floor --batch-size 256 --rounds 50 \
         --configs baseline,baseline-copy,inter,intra,inter+intra
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
+    python benchmarks/overhead.py --models resnet18 --cpus 0,1 --noise-check 30 --rounds 31   # is the host calm?
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
 
 * ``--trees NAME=PATH,...``: the same step (``inter+intra-wrap``: ``wrap(model, 'inter,intra')`` and ``TfFDLoss``)
@@ -51,6 +58,7 @@ import contextlib
 import ctypes
 import functools
 import json
+import math
 import os
 import random
 import statistics
@@ -525,6 +533,44 @@ def median_interval(values, resamples: int = 2000, seed: int = 0) -> Tuple[float
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+MEDIAN_SE = math.sqrt(math.pi / 2)  # a median's standard error over a mean's, for normal values
+
+
+def rounds_to_resolve(sd: float, half_width: float = 0.01) -> int:
+    """Rounds whose median ratio has a 95% interval of about +-``half_width`` when the per-round log ratios scatter
+    with standard deviation ``sd``: the median's standard error, ``sqrt(pi / 2) sd / sqrt(n)``, times 1.96."""
+    return max(1, math.ceil((1.96 * MEDIAN_SE * sd / half_width) ** 2))
+
+
+def interval_half_width(sd: float, rounds: int) -> float:
+    """The 95% half-width of the median ratio over ``rounds`` rounds, as in ``rounds_to_resolve``."""
+    return 1.96 * MEDIAN_SE * sd / math.sqrt(rounds)
+
+
+def noise_check(model_name: str, args, pairs: int) -> dict:
+    """Time ``pairs`` adjacent pairs of the plain step and its copy (``interleaved_rounds``: the order alternates) and
+    return the scatter of their per-pair log time ratios (``pair_sd``), the interval a table of ``args.rounds``
+    rounds would have at that scatter and the rounds a +-1% interval needs."""
+    if pairs < 3:
+        raise ValueError(f'--noise-check needs at least 3 pairs, got {pairs}')
+    steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
+                          channels_last=args.channels_last) for c in ('baseline', 'baseline-copy')}
+    for s in steps.values():
+        for _ in range(args.warmup):
+            s()
+    steal0, wall0 = steal_seconds(), time.perf_counter()
+    times = interleaved_rounds({c: timed(s) for c, s in steps.items()}, pairs)
+    steal1 = steal_seconds()
+    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
+    log_ratios = [math.log(a / b) for a, b in zip(times['baseline-copy'], times['baseline'])]
+    sd = statistics.stdev(log_ratios)
+    return {'model': model_name, 'pairs': pairs, 'step_ms': 1e3 * statistics.median(times['baseline']),
+            'step_ms_range': [1e3 * min(times['baseline']), 1e3 * max(times['baseline'])], 'pair_sd': sd,
+            'rounds': args.rounds, 'half_width': interval_half_width(sd, args.rounds),
+            'rounds_for_1pct': rounds_to_resolve(sd), 'steal_share': steal_share(stolen, time.perf_counter() - wall0),
+            'times_ms': {c: [1e3 * t for t in v] for c, v in times.items()}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
@@ -559,6 +605,9 @@ def main():
     parser.add_argument('--floor', action='store_true',
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
+    parser.add_argument('--noise-check', type=int, default=0, metavar='PAIRS',
+                        help='only time PAIRS adjacent pairs of the plain step and its copy, and say how wide a '
+                             '--rounds-round table\'s intervals would be on this host and how many rounds 1%% needs')
     args = parser.parse_args()
     if args.no_time and args.no_memory:
         parser.error('--no-time and --no-memory leave nothing to measure')
@@ -575,6 +624,26 @@ def main():
         return
     if args.worker:
         serve(*args.worker, args)
+        return
+    if args.noise_check:
+        print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, {_malloc(args)}\n')
+        checks = []
+        for model_name in args.models.split(','):
+            try:
+                c = noise_check(model_name, args, args.noise_check)
+            except ValueError as e:
+                parser.error(str(e))
+            checks.append(c)
+            lo, hi = c['step_ms_range']
+            steal = '' if c['steal_share'] is None else f'; steal {100 * c["steal_share"]:.1f}%'
+            print(f'{model_name}: plain step {c["step_ms"]:.0f} ms ({lo:.0f} to {hi:.0f}); {c["pairs"]} adjacent pairs '
+                  f'of it and its copy differ by {100 * c["pair_sd"]:.1f}% (sd of the log ratio){steal}. A '
+                  f'{c["rounds"]}-round table: intervals of about +-{100 * c["half_width"]:.1f}% or wider; +-1% needs '
+                  f'about {c["rounds_for_1pct"]} rounds or more.', flush=True)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                           'noise_check': checks}, f, indent=2)
         return
     if args.trees:
         trees = dict(item.split('=', 1) for item in args.trees.split(','))

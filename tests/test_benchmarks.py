@@ -1,6 +1,7 @@
 """The cost benchmarks' configurations build and run on tiny models (their timings are not tested)."""
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -229,6 +230,44 @@ def test_median_interval():
     # more rounds of the same spread give a narrower interval
     lo_many, hi_many = overhead.median_interval(values * 8)
     assert hi_many - lo_many < hi - lo
+
+
+def test_rounds_to_resolve_from_the_scatter_of_pairs():
+    """The median of n normal values has a standard error of sqrt(pi / 2) sd / sqrt(n) (1.2533 sd / sqrt(n)); a 95%
+    half-width of 1% at a 10% scatter then needs (1.96 x 1.2533 x 10)^2 = 603.4 -> 604 rounds."""
+    assert overhead.rounds_to_resolve(0.10, 0.01) == 604
+    assert overhead.rounds_to_resolve(0.02) == 25  # (1.96 x 1.2533 x 2)^2 = 24.1
+    assert overhead.rounds_to_resolve(0.) == 1
+    assert overhead.interval_half_width(0.10, 31) == pytest.approx(1.96 * 1.2533 * 0.10 / 31 ** 0.5, rel=1e-4)
+    # the two agree: the rounds it asks for give at most the half-width asked for
+    assert overhead.interval_half_width(0.07, overhead.rounds_to_resolve(0.07, 0.015)) <= 0.015
+    # and the normal-theory figure matches a simulation of medians of normal log ratios
+    g = torch.Generator().manual_seed(0)
+    medians = torch.randn(20000, 31, generator=g).mul_(0.05).median(1).values
+    assert medians.std().item() == pytest.approx(overhead.interval_half_width(0.05, 31) / 1.96, rel=0.05)
+
+
+def test_noise_check_times_adjacent_pairs(tmp_path, monkeypatch, capsys):
+    """``--noise-check``: only the plain step and its copy, in alternating adjacent pairs, and the verdict."""
+    out = tmp_path / 'noise.json'
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--batch-size', '2', '--img-size',
+                                      '32', '--warmup', '1', '--rounds', '31', '--noise-check', '5', '--malloc',
+                                      'default', '--json', str(out)])
+    overhead.main()
+    check = json.load(open(out))['noise_check'][0]
+    base, copy = check['times_ms']['baseline'], check['times_ms']['baseline-copy']
+    assert check['model'] == 'test_resnet' and len(base) == len(copy) == 5
+    logs = [math.log(a / b) for a, b in zip(copy, base)]
+    mean = sum(logs) / 5
+    assert check['pair_sd'] == pytest.approx((sum((v - mean) ** 2 for v in logs) / 4) ** 0.5)
+    assert check['rounds_for_1pct'] == overhead.rounds_to_resolve(check['pair_sd'])
+    assert check['half_width'] == pytest.approx(overhead.interval_half_width(check['pair_sd'], 31))
+    text = capsys.readouterr().out
+    assert 'test_resnet: plain step' in text and '31-round table' in text and '| model |' not in text
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--noise-check', '2'])
+    with pytest.raises(SystemExit):
+        overhead.main()
+    assert 'at least 3 pairs' in capsys.readouterr().err
 
 
 def test_steal_share_from_proc_stat(tmp_path, monkeypatch):
