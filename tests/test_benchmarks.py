@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -268,6 +269,47 @@ def test_noise_check_times_adjacent_pairs(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         overhead.main()
     assert 'at least 3 pairs' in capsys.readouterr().err
+
+
+def test_gpu_script_runs_its_parts_within_the_budget(tmp_path):
+    """``benchmarks/gpu.sh`` on the CPU with every part's limit under 20 s: it checks the versions, skips each part
+    and ends; the parts' commands are the ones the other tests here run (the flags of
+    ``test_timed_rows_keep_every_round`` and ``test_overhead_mixed_precision_channels_last_rows``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DEVICE='cpu', MODELS='test_resnet,test_vit', OUT=str(tmp_path), TEST_LIMIT='0',
+               EAGER_LIMIT='5', COMPILED_LIMIT='19', PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ['PATH'])  # python3: this interpreter
+    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (tmp_path / 'gpu.log').read_text()
+    assert f'timm {timm.__version__}, timm_tffd {timm_tffd.__version__}' in log
+    skipped = [line for line in log.splitlines() if line.endswith('left for it')]
+    parts = ['== CUDA tests', '== test_resnet eager', '== test_vit eager', '== test_resnet compiled',
+             '== test_vit compiled']
+    assert [line.split(':')[0] for line in skipped] == parts
+    assert skipped[0] == '== CUDA tests: skipped, 0 s left for it' and log.splitlines()[-1].startswith('== done')
+    env['DEVICE'] = 'cuda'
+    if not torch.cuda.is_available():  # the script stops before any part where torch sees no GPU
+        proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 1 and 'torch sees no CUDA device' in proc.stdout + proc.stderr
+        assert '== CUDA tests' not in (tmp_path / 'gpu.log').read_text()
+
+
+def test_overhead_mixed_precision_channels_last_rows(tmp_path, monkeypatch):
+    """The GPU table's flags on the CPU (``--amp``: bfloat16 autocast; ``--channels-last``), as ``gpu.sh`` passes
+    them."""
+    out = tmp_path / 'amp.json'
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra',
+                                      '--batch-size', '2', '--img-size', '32', '--rounds', '2', '--warmup', '1',
+                                      '--amp', '--channels-last', '--no-memory', '--malloc', 'default', '--json',
+                                      str(out)])
+    overhead.main()
+    data = json.load(open(out))
+    assert data['args']['amp'] and data['args']['channels_last']
+    assert [r['config'] for r in data['results']] == ['baseline', 'inter+intra']
+    assert all(len(r['round_times_ms']) == 2 for r in data['results'])
 
 
 def test_steal_share_from_proc_stat(tmp_path, monkeypatch):
