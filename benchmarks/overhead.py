@@ -357,14 +357,11 @@ def measure_trees(model_name: str, trees: Dict[str, str], args) -> Dict[str, dic
     try:
         for n in names:  # one at a time: the warm-up steps do not overlap
             workers[n] = TreeWorker(trees[n], model_name, TREE_STEPS[args.tree_step], args)
-        steal0, wall0 = steal_seconds(), time.perf_counter()
-        times = interleaved_rounds({n: workers[n].step for n in names}, args.rounds)  # (wall, cpu) per round
-        steal1 = steal_seconds()
+        times, stolen = rounds_with_steal({n: workers[n].step for n in names}, args.rounds)  # (wall, cpu) per round
     finally:
         for w in workers.values():
             w.close()
-    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
-    out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}
+    out = {'steal_share': stolen}
     for k, n in enumerate(names):
         out[n] = {'median_s': statistics.median(t[0] for t in times[n]),
                   'cpu_median_s': statistics.median(t[1] for t in times[n])}
@@ -434,6 +431,16 @@ def interleaved_rounds(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: 
     return out
 
 
+def rounds_with_steal(runs: Dict[str, Callable[[], Any]], rounds: int) -> Tuple[Dict[str, list], Optional[float]]:
+    """``interleaved_rounds`` and the share of the CPUs' time the hypervisor took while they ran (``None`` where
+    ``/proc/stat`` cannot tell)."""
+    steal0, wall0 = steal_seconds(), time.perf_counter()
+    out = interleaved_rounds(runs, rounds)
+    steal1 = steal_seconds()
+    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
+    return out, steal_share(stolen, time.perf_counter() - wall0)
+
+
 def timed(fn: Callable) -> Callable[[], float]:
     """``fn`` as a run of ``interleaved_rounds`` that returns its wall seconds."""
     def run() -> float:
@@ -454,11 +461,8 @@ def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
     for s in steps.values():
         for _ in range(args.warmup):
             s()
-    steal0, wall0 = steal_seconds(), time.perf_counter()
-    times = interleaved_rounds({c: timed(steps[c]) for c in configs}, args.rounds)
-    steal1 = steal_seconds()
-    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
-    out = {'steal_share': steal_share(stolen, time.perf_counter() - wall0)}
+    times, stolen = rounds_with_steal({c: timed(steps[c]) for c in configs}, args.rounds)
+    out = {'steal_share': stolen}
     for c, v in times.items():
         ratios = [a / b for a, b in zip(v, times[baseline_of(c)])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
@@ -558,16 +562,13 @@ def noise_check(model_name: str, args, pairs: int) -> dict:
     for s in steps.values():
         for _ in range(args.warmup):
             s()
-    steal0, wall0 = steal_seconds(), time.perf_counter()
-    times = interleaved_rounds({c: timed(s) for c, s in steps.items()}, pairs)
-    steal1 = steal_seconds()
-    stolen = None if steal0 is None or steal1 is None else steal1 - steal0
+    times, stolen = rounds_with_steal({c: timed(s) for c, s in steps.items()}, pairs)
     log_ratios = [math.log(a / b) for a, b in zip(times['baseline-copy'], times['baseline'])]
     sd = statistics.stdev(log_ratios)
     return {'model': model_name, 'pairs': pairs, 'step_ms': 1e3 * statistics.median(times['baseline']),
             'step_ms_range': [1e3 * min(times['baseline']), 1e3 * max(times['baseline'])], 'pair_sd': sd,
             'rounds': args.rounds, 'half_width': interval_half_width(sd, args.rounds),
-            'rounds_for_1pct': rounds_to_resolve(sd), 'steal_share': steal_share(stolen, time.perf_counter() - wall0),
+            'rounds_for_1pct': rounds_to_resolve(sd), 'steal_share': stolen,
             'times_ms': {c: [1e3 * t for t in v] for c, v in times.items()}}
 
 
@@ -627,12 +628,11 @@ def main():
         return
     if args.noise_check:
         print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, {_malloc(args)}\n')
+        if args.noise_check < 3:
+            parser.error(f'--noise-check needs at least 3 pairs, got {args.noise_check}')
         checks = []
         for model_name in args.models.split(','):
-            try:
-                c = noise_check(model_name, args, args.noise_check)
-            except ValueError as e:
-                parser.error(str(e))
+            c = noise_check(model_name, args, args.noise_check)
             checks.append(c)
             lo, hi = c['step_ms_range']
             steal = '' if c['steal_share'] is None else f'; steal {100 * c["steal_share"]:.1f}%'
