@@ -50,7 +50,10 @@ part() {  # part NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds (what is
 python3 - "$device" <<'EOF' 2>&1 | tee -a "$log"
 import sys
 import torch, timm
-import timm_tffd
+try:
+    import timm_tffd
+except ImportError as e:  # a timm older than the package needs
+    sys.exit(f'gpu.sh: cannot import timm_tffd with timm {timm.__version__}: {e} (carry a newer timm in .whl/)')
 device = sys.argv[1]
 print(f'torch {torch.__version__}, timm {timm.__version__}, timm_tffd {timm_tffd.__version__}')
 if device == 'cuda':

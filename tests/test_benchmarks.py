@@ -295,6 +295,15 @@ def test_gpu_script_runs_its_parts_within_the_budget(tmp_path):
                               text=True, timeout=300)
         assert proc.returncode == 1 and 'torch sees no CUDA device' in proc.stdout + proc.stderr
         assert '== CUDA tests' not in (tmp_path / 'gpu.log').read_text()
+    # a machine whose timm is too old for the package: one line that says so, no part run
+    fake = tmp_path / 'old' / 'timm'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text("__version__ = '0.9.16'\n")
+    env.update(DEVICE='cpu', PYTHONPATH=str(tmp_path / 'old'))
+    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stdout + proc.stderr
+    assert 'cannot import timm_tffd with timm 0.9.16' in proc.stdout + proc.stderr
 
 
 def test_overhead_mixed_precision_channels_last_rows(tmp_path, monkeypatch):
