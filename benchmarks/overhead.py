@@ -551,10 +551,18 @@ def interval_half_width(sd: float, rounds: int) -> float:
     return 1.96 * MEDIAN_SE * sd / math.sqrt(rounds)
 
 
+def robust_sd(values) -> float:
+    """The standard deviation of normal values estimated from their median absolute deviation (1.4826 x MAD): the
+    scatter that sets a median's interval, which a few outlying steps do not move (a plain standard deviation would
+    let one 1.5x step double it)."""
+    m = statistics.median(values)
+    return 1.4826 * statistics.median(abs(v - m) for v in values)
+
+
 def noise_check(model_name: str, args, pairs: int) -> dict:
     """Time ``pairs`` adjacent pairs of the plain step and its copy (``interleaved_rounds``: the order alternates) and
-    return the scatter of their per-pair log time ratios (``pair_sd``), the interval a table of ``args.rounds``
-    rounds would have at that scatter and the rounds a +-1% interval needs."""
+    return the scatter of their per-pair log time ratios (``pair_sd``, ``robust_sd``), the interval a table of
+    ``args.rounds`` rounds would have at that scatter and the rounds a +-1% interval needs."""
     if pairs < 3:
         raise ValueError(f'--noise-check needs at least 3 pairs, got {pairs}')
     steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
@@ -563,8 +571,7 @@ def noise_check(model_name: str, args, pairs: int) -> dict:
         for _ in range(args.warmup):
             s()
     times, stolen = rounds_with_steal({c: timed(s) for c, s in steps.items()}, pairs)
-    log_ratios = [math.log(a / b) for a, b in zip(times['baseline-copy'], times['baseline'])]
-    sd = statistics.stdev(log_ratios)
+    sd = robust_sd([math.log(a / b) for a, b in zip(times['baseline-copy'], times['baseline'])])
     return {'model': model_name, 'pairs': pairs, 'step_ms': 1e3 * statistics.median(times['baseline']),
             'step_ms_range': [1e3 * min(times['baseline']), 1e3 * max(times['baseline'])], 'pair_sd': sd,
             'rounds': args.rounds, 'half_width': interval_half_width(sd, args.rounds),
@@ -637,7 +644,7 @@ def main():
             lo, hi = c['step_ms_range']
             steal = '' if c['steal_share'] is None else f'; steal {100 * c["steal_share"]:.1f}%'
             print(f'{model_name}: plain step {c["step_ms"]:.0f} ms ({lo:.0f} to {hi:.0f}); {c["pairs"]} adjacent pairs '
-                  f'of it and its copy differ by {100 * c["pair_sd"]:.1f}% (sd of the log ratio){steal}. A '
+                  f'of it and its copy differ by {100 * c["pair_sd"]:.1f}% (robust sd of the log ratio){steal}. A '
                   f'{c["rounds"]}-round table: intervals of about +-{100 * c["half_width"]:.1f}% or wider; +-1% needs '
                   f'about {c["rounds_for_1pct"]} rounds or more.', flush=True)
         if args.json:

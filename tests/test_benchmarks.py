@@ -248,6 +248,15 @@ def test_rounds_to_resolve_from_the_scatter_of_pairs():
     assert medians.std().item() == pytest.approx(overhead.interval_half_width(0.05, 31) / 1.96, rel=0.05)
 
 
+def test_robust_sd():
+    """1.4826 x the median absolute deviation: the standard deviation for normal values, not moved by an outlier."""
+    assert overhead.robust_sd([0., 1., 2., 3., 4.]) == pytest.approx(1.4826)  # deviations 2 1 0 1 2: MAD 1
+    assert overhead.robust_sd([0., 1., 2., 3., 400.]) == pytest.approx(1.4826)
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(20001, generator=g) * 0.05).tolist()
+    assert overhead.robust_sd(values) == pytest.approx(0.05, rel=0.03)
+
+
 def test_noise_check_times_adjacent_pairs(tmp_path, monkeypatch, capsys):
     """``--noise-check``: only the plain step and its copy, in alternating adjacent pairs, and the verdict."""
     out = tmp_path / 'noise.json'
@@ -258,9 +267,9 @@ def test_noise_check_times_adjacent_pairs(tmp_path, monkeypatch, capsys):
     check = json.load(open(out))['noise_check'][0]
     base, copy = check['times_ms']['baseline'], check['times_ms']['baseline-copy']
     assert check['model'] == 'test_resnet' and len(base) == len(copy) == 5
-    logs = [math.log(a / b) for a, b in zip(copy, base)]
-    mean = sum(logs) / 5
-    assert check['pair_sd'] == pytest.approx((sum((v - mean) ** 2 for v in logs) / 4) ** 0.5)
+    logs = sorted(math.log(a / b) for a, b in zip(copy, base))
+    deviations = sorted(abs(v - logs[2]) for v in logs)  # from the median of the five
+    assert check['pair_sd'] == pytest.approx(1.4826 * deviations[2])
     assert check['rounds_for_1pct'] == overhead.rounds_to_resolve(check['pair_sd'])
     assert check['half_width'] == pytest.approx(overhead.interval_half_width(check['pair_sd'], 31))
     text = capsys.readouterr().out
