@@ -28,10 +28,10 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   every round's step times (``round_times_ms``).
 * ``--noise-check PAIRS``: before a table, whether this host can resolve it: the plain step and its copy run as
   PAIRS adjacent pairs (``baseline``, ``baseline-copy``, the order alternating), and from the scatter of their
-  per-pair time ratios (``noise_check``) it prints how wide the interval of a ``--rounds``-round table would be and how
-  many rounds a 1% interval needs. Adjacent steps are the closest pairing there is; a table's round puts its other
-  configurations between a row and its baseline, so its intervals come out about this wide or wider (the scatter
-  grows with the steps between two timed ones on a noisy host).
+  per-pair log time ratios (``robust_sd``) it prints how wide the interval of a ``--rounds``-round table's control row
+  would be (a table runs ``baseline-copy`` next to ``baseline`` too) and how many rounds a 1% interval needs. The
+  other rows run farther from their baseline in each round, and on a noisy host the scatter grows with the steps
+  between two timed ones, so their intervals come out as wide or wider.
 * ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
   ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
   time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
@@ -561,7 +561,7 @@ def robust_sd(values) -> float:
 
 def noise_check(model_name: str, args, pairs: int) -> dict:
     """Time ``pairs`` adjacent pairs of the plain step and its copy (``interleaved_rounds``: the order alternates) and
-    return the scatter of their per-pair log time ratios (``pair_sd``, ``robust_sd``), the interval a table of
+    return the scatter of their per-pair log time ratios (``pair_sd``: ``robust_sd``), the interval a table of
     ``args.rounds`` rounds would have at that scatter and the rounds a +-1% interval needs."""
     if pairs < 3:
         raise ValueError(f'--noise-check needs at least 3 pairs, got {pairs}')
@@ -619,6 +619,11 @@ def main():
     args = parser.parse_args()
     if args.no_time and args.no_memory:
         parser.error('--no-time and --no-memory leave nothing to measure')
+    if args.noise_check and args.noise_check < 3:
+        parser.error(f'--noise-check needs at least 3 pairs, got {args.noise_check}')
+    unknown = [m for m in args.models.split(',') if not timm.is_model(m)]
+    if unknown:
+        parser.error(f'unknown model(s) {unknown}; see timm.list_models()')
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(',')})  # inherited by the probe processes
         args.threads = args.threads or len(args.cpus.split(','))
@@ -635,18 +640,17 @@ def main():
         return
     if args.noise_check:
         print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, {_malloc(args)}\n')
-        if args.noise_check < 3:
-            parser.error(f'--noise-check needs at least 3 pairs, got {args.noise_check}')
         checks = []
         for model_name in args.models.split(','):
             c = noise_check(model_name, args, args.noise_check)
             checks.append(c)
             lo, hi = c['step_ms_range']
+            needed = float(f'{c["rounds_for_1pct"]:.2g}')  # two figures: a MAD of 30 pairs is good to about 20%
             steal = '' if c['steal_share'] is None else f'; steal {100 * c["steal_share"]:.1f}%'
             print(f'{model_name}: plain step {c["step_ms"]:.0f} ms ({lo:.0f} to {hi:.0f}); {c["pairs"]} adjacent pairs '
                   f'of it and its copy differ by {100 * c["pair_sd"]:.1f}% (robust sd of the log ratio){steal}. A '
-                  f'{c["rounds"]}-round table: intervals of about +-{100 * c["half_width"]:.1f}% or wider; +-1% needs '
-                  f'about {c["rounds_for_1pct"]} rounds or more.', flush=True)
+                  f'{c["rounds"]}-round table: intervals of about +-{100 * c["half_width"]:.1f}%; +-1% needs about '
+                  f'{needed:.0f} rounds.', flush=True)
         if args.json:
             with open(args.json, 'w') as f:
                 json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),

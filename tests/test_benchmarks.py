@@ -280,52 +280,69 @@ def test_noise_check_times_adjacent_pairs(tmp_path, monkeypatch, capsys):
     assert 'at least 3 pairs' in capsys.readouterr().err
 
 
-def test_gpu_script_runs_its_parts_within_the_budget(tmp_path):
-    """``benchmarks/gpu.sh`` on the CPU with every part's limit under 20 s: it checks the versions, skips each part
-    and ends; the parts' commands are the ones the other tests here run (the flags of
-    ``test_timed_rows_keep_every_round`` and ``test_overhead_mixed_precision_channels_last_rows``)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, DEVICE='cpu', MODELS='test_resnet,test_vit', OUT=str(tmp_path), TEST_LIMIT='0',
-               EAGER_LIMIT='5', COMPILED_LIMIT='19', PATH=os.path.dirname(sys.executable) + os.pathsep
-               + os.environ['PATH'])  # python3: this interpreter
-    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    log = (tmp_path / 'gpu.log').read_text()
-    assert f'timm {timm.__version__}, timm_tffd {timm_tffd.__version__}' in log
-    skipped = [line for line in log.splitlines() if line.endswith('left for it')]
-    parts = ['== CUDA tests', '== test_resnet eager', '== test_vit eager', '== test_resnet compiled',
-             '== test_vit compiled']
-    assert [line.split(':')[0] for line in skipped] == parts
-    assert skipped[0] == '== CUDA tests: skipped, 0 s left for it' and log.splitlines()[-1].startswith('== done')
-    env['DEVICE'] = 'cuda'
-    if not torch.cuda.is_available():  # the script stops before any part where torch sees no GPU
-        proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 1 and 'torch sees no CUDA device' in proc.stdout + proc.stderr
-        assert '== CUDA tests' not in (tmp_path / 'gpu.log').read_text()
-    # a machine whose timm is too old for the package: one line that says so, no part run
-    fake = tmp_path / 'old' / 'timm'
+def test_gpu_script_parts_budget_and_failures(tmp_path):
+    """``benchmarks/gpu.sh`` on the CPU: its parts' commands (``DRY_RUN``), a part skipped where its limit is under
+    20 s, a failing part making the exit status 1, and one line (no traceback) where torch sees no CUDA device or the
+    machine's timm is too old for the package."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'gpu.sh')
+    wheels = tmp_path / 'wheels'
+    wheels.mkdir()
+    env = dict(os.environ, DEVICE='cpu', OUT=str(tmp_path / 'out'), WHEELS=str(wheels),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])  # python3: this interpreter
+
+    def run(**extra):
+        proc = subprocess.run(['bash', script], env=dict(env, **extra), capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, text = run(DRY_RUN='1', MODELS='test_resnet,test_vit', BATCH='4', ROUNDS='7')
+    assert rc == 0 and f'timm {timm.__version__}, timm_tffd {timm_tffd.__version__}' in text
+    parts = [line for line in text.splitlines() if line.startswith('== ') and ': ' in line]
+    assert [p.split(' (limit')[0] for p in parts] == [
+        '== CUDA tests', '== test_resnet eager', '== test_vit eager', '== memory', '== test_resnet compiled',
+        '== test_vit compiled']
+    assert parts[0].endswith('-m pytest -q -p no:cacheprovider tests/test_losses.py tests/test_wrap.py -k cuda')
+    common = '--device cpu --amp --channels-last --batch-size 4 --img-size 224 --rounds 7'
+    out = tmp_path / 'out'
+    assert parts[1].endswith(f'overhead.py {common} --models test_resnet --floor --configs baseline,baseline-copy,'
+                             f'inter,intra,inter+intra --no-memory --json {out}/eager_test_resnet.json')
+    assert parts[3].endswith(f'overhead.py {common} --models test_resnet,test_vit --configs baseline,inter+intra '
+                             f'--no-time --json {out}/memory.json')
+    assert parts[5].endswith(f'overhead.py {common} --models test_vit --floor --configs baseline,inter+intra '
+                             f'--compiled --no-memory --json {out}/compiled_test_vit.json')
+    assert all('(limit ' in p for p in parts)
+
+    # parts under 20 s are skipped; a part that fails (an unknown model) makes the exit status 1
+    rc, text = run(MODELS='no_such_model', TEST_LIMIT='0', EAGER_LIMIT='60', MEMORY_LIMIT='19', COMPILED_LIMIT='5')
+    assert rc == 1, text
+    log = (out / 'gpu.log').read_text()
+    assert '== CUDA tests: skipped, 0 s left for it' in log and '== memory: skipped, 19 s left for it' in log
+    assert '== no_such_model eager: exit status 2' in log and '== no_such_model compiled: skipped' in log
+    assert "unknown model(s) ['no_such_model']" in log and 'Traceback' not in log
+    assert log.splitlines()[-1].endswith('a part failed or was stopped')
+
+    if not torch.cuda.is_available():  # stops before any part where torch sees no GPU
+        rc, text = run(DEVICE='cuda')
+        assert rc == 1 and 'gpu.sh: torch sees no CUDA device' in text and '== CUDA tests' not in text
+    fake = tmp_path / 'old' / 'timm'  # a machine whose timm is too old for the package
     fake.mkdir(parents=True)
     (fake / '__init__.py').write_text("__version__ = '0.9.16'\n")
-    env.update(DEVICE='cpu', PYTHONPATH=str(tmp_path / 'old'))
-    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu.sh')], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 1 and 'Traceback' not in proc.stdout + proc.stderr
-    assert 'cannot import timm_tffd with timm 0.9.16' in proc.stdout + proc.stderr
+    rc, text = run(PYTHONPATH=str(tmp_path / 'old'))
+    assert rc == 1 and 'Traceback' not in text and 'cannot import timm_tffd with timm 0.9.16' in text
 
 
 def test_overhead_mixed_precision_channels_last_rows(tmp_path, monkeypatch):
-    """The GPU table's flags on the CPU (``--amp``: bfloat16 autocast; ``--channels-last``), as ``gpu.sh`` passes
-    them."""
+    """The GPU table's flags on the CPU (``--amp``: bfloat16 autocast; ``--channels-last``; ``--floor`` of
+    half-precision maps), as ``gpu.sh`` passes them."""
     out = tmp_path / 'amp.json'
     monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra',
                                       '--batch-size', '2', '--img-size', '32', '--rounds', '2', '--warmup', '1',
-                                      '--amp', '--channels-last', '--no-memory', '--malloc', 'default', '--json',
-                                      str(out)])
+                                      '--amp', '--channels-last', '--no-memory', '--floor', '--malloc', 'default',
+                                      '--json', str(out)])
     overhead.main()
     data = json.load(open(out))
     assert data['args']['amp'] and data['args']['channels_last']
+    # the floor counts half-precision maps: half the bytes of float32 ones
+    assert data['floor'][0]['tapped_mb'] * 2 ** 20 == overhead.tapped_bytes('test_resnet', 2, 32, 4) / 2
     assert [r['config'] for r in data['results']] == ['baseline', 'inter+intra']
     assert all(len(r['round_times_ms']) == 2 for r in data['results'])
 
