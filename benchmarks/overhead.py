@@ -522,6 +522,14 @@ def floor_row(model_name: str, times: Dict[str, dict], args) -> dict:
     return row
 
 
+def write_json(args, **results):
+    """``results`` into ``args.json``, with the arguments and the CPU instructions torch's kernels use (results move
+    between hosts with them)."""
+    with open(args.json, 'w') as f:
+        json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(), **results}, f,
+                  indent=2)
+
+
 def _versions() -> str:
     """torch, timm, the CPU instructions torch's kernels use (results move between hosts with it) and threads."""
     return (f'torch {torch.__version__}, timm {timm.__version__}, CPU capability '
@@ -560,22 +568,19 @@ def robust_sd(values) -> float:
 
 
 def noise_check(model_name: str, args, pairs: int) -> dict:
-    """Time ``pairs`` adjacent pairs of the plain step and its copy (``interleaved_rounds``: the order alternates) and
+    """Time ``pairs`` adjacent pairs of the plain step and its copy (``measure_time``: the order alternates) and
     return the scatter of their per-pair log time ratios (``pair_sd``: ``robust_sd``), the interval a table of
     ``args.rounds`` rounds would have at that scatter and the rounds a +-1% interval needs."""
     if pairs < 3:
         raise ValueError(f'--noise-check needs at least 3 pairs, got {pairs}')
-    steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
-                          channels_last=args.channels_last) for c in ('baseline', 'baseline-copy')}
-    for s in steps.values():
-        for _ in range(args.warmup):
-            s()
-    times, stolen = rounds_with_steal({c: timed(s) for c, s in steps.items()}, pairs)
+    as_pairs = argparse.Namespace(**{**vars(args), 'rounds': pairs})
+    measured = measure_time(model_name, ['baseline', 'baseline-copy'], as_pairs)
+    steal, times = measured['steal_share'], {c: measured[c]['times_s'] for c in ('baseline', 'baseline-copy')}
     sd = robust_sd([math.log(a / b) for a, b in zip(times['baseline-copy'], times['baseline'])])
     return {'model': model_name, 'pairs': pairs, 'step_ms': 1e3 * statistics.median(times['baseline']),
             'step_ms_range': [1e3 * min(times['baseline']), 1e3 * max(times['baseline'])], 'pair_sd': sd,
             'rounds': args.rounds, 'half_width': interval_half_width(sd, args.rounds),
-            'rounds_for_1pct': rounds_to_resolve(sd), 'steal_share': stolen,
+            'rounds_for_1pct': rounds_to_resolve(sd), 'steal_share': steal,
             'times_ms': {c: [1e3 * t for t in v] for c, v in times.items()}}
 
 
@@ -652,9 +657,7 @@ def main():
                   f'{c["rounds"]}-round table: intervals of about +-{100 * c["half_width"]:.1f}%; +-1% needs about '
                   f'{needed:.0f} rounds.', flush=True)
         if args.json:
-            with open(args.json, 'w') as f:
-                json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
-                           'noise_check': checks}, f, indent=2)
+            write_json(args, noise_check=checks)
         return
     if args.trees:
         trees = dict(item.split('=', 1) for item in args.trees.split(','))
@@ -662,9 +665,7 @@ def main():
               f'{_malloc(args)}, trees: {trees}\n')
         rows = run_trees(trees, args.models.split(','), args)
         if args.json:
-            with open(args.json, 'w') as f:
-                json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
-                           'results': rows}, f, indent=2)
+            write_json(args, results=rows)
         return
     configs = list(CONFIGS) if args.configs == 'all' else [c.strip() for c in args.configs.split(',')]
     unknown = [c for c in configs if split_config(c)[0] not in CONFIGS]
@@ -735,9 +736,7 @@ def main():
                           f'{100 * m["floor_share_of_step"]:.2f}% | {"compiled" if COMPILED in config else "eager"} | '
                           f'{m["extra_ms"]:.1f} | {m["floor_multiple"]:.1f} |')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
-                       'results': results, 'steal_share': steal, 'floor': floors}, f, indent=2)
+        write_json(args, results=results, steal_share=steal, floor=floors)
 
 
 if __name__ == '__main__':
