@@ -32,6 +32,14 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   would be (a table runs ``baseline-copy`` next to ``baseline`` too) and how many rounds a 1% interval needs. The
   other rows run farther from their baseline in each round, and on a noisy host the scatter grows with the steps
   between two timed ones, so their intervals come out as wide or wider.
+* ``--resume`` (with ``--json``): a long table over several sessions. The JSON of a time table is rewritten every
+  ``SAVE_EVERY`` rounds (``complete: false`` until every model has its rounds), with each model's step times of every
+  round, the steal and wall seconds, and one segment (start, first round, rounds) per process that timed some. The
+  same command with ``--resume`` keeps those rounds and times only the ones missing to ``--rounds`` (the ABBA order
+  goes on where it stopped); it refuses, with one line, a file measured with other code (``code_fingerprint``: the
+  package's files and the step builders here), other torch or timm, CPU instructions, threads or step settings. The
+  rounds of one table can then come from several days: each round's ratio is still taken within the round, and the
+  segments let the ratios of each day be compared.
 * ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
   ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
   time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
@@ -43,6 +51,7 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
         --configs baseline,baseline-copy,inter,intra,inter+intra
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
     python benchmarks/overhead.py --models resnet18 --cpus 0,1 --noise-check 30 --rounds 31   # is the host calm?
+    python benchmarks/overhead.py --compiled --cpus 0,1 --rounds 250 --json t.json --resume   # again until complete
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
 
 * ``--trees NAME=PATH,...``: the same step (``inter+intra-wrap``: ``wrap(model, 'inter,intra')`` and ``TfFDLoss``)
@@ -57,6 +66,8 @@ import argparse
 import contextlib
 import ctypes
 import functools
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -357,11 +368,11 @@ def measure_trees(model_name: str, trees: Dict[str, str], args) -> Dict[str, dic
     try:
         for n in names:  # one at a time: the warm-up steps do not overlap
             workers[n] = TreeWorker(trees[n], model_name, TREE_STEPS[args.tree_step], args)
-        times, stolen = rounds_with_steal({n: workers[n].step for n in names}, args.rounds)  # (wall, cpu) per round
+        times, stolen, wall = rounds_with_steal({n: workers[n].step for n in names}, args.rounds)  # (wall, cpu)
     finally:
         for w in workers.values():
             w.close()
-    out = {'steal_share': stolen}
+    out = {'steal_share': steal_share(stolen, wall)}
     for k, n in enumerate(names):
         out[n] = {'median_s': statistics.median(t[0] for t in times[n]),
                   'cpu_median_s': statistics.median(t[1] for t in times[n])}
@@ -417,28 +428,31 @@ def steal_share(stolen: Optional[float], wall: float) -> Optional[float]:
     return None if stolen is None or wall <= 0 else stolen / (wall * (os.cpu_count() or 1))
 
 
-def interleaved_rounds(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 0) -> Dict[str, list]:
+def interleaved_rounds(runs: Dict[str, Callable[[], Any]], rounds: int, warmup: int = 0,
+                       first: int = 0) -> Dict[str, list]:
     """Call every run once per round, ``warmup + rounds`` rounds, in the order of ``runs`` in even rounds and in the
     reverse order in odd ones (ABBA: no run always goes first or last), and return each run's results of the last
-    ``rounds`` rounds (what a run returns is its measurement: seconds, or a tuple of clocks)."""
+    ``rounds`` rounds (what a run returns is its measurement: seconds, or a tuple of clocks). ``first``: the number of
+    the first round (rounds that continue earlier ones keep the alternation)."""
     names = list(runs)
     out = {n: [] for n in names}
-    for r in range(warmup + rounds):
+    for r in range(first, first + warmup + rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             result = runs[n]()
-            if r >= warmup:
+            if r >= first + warmup:
                 out[n].append(result)
     return out
 
 
-def rounds_with_steal(runs: Dict[str, Callable[[], Any]], rounds: int) -> Tuple[Dict[str, list], Optional[float]]:
-    """``interleaved_rounds`` and the share of the CPUs' time the hypervisor took while they ran (``None`` where
-    ``/proc/stat`` cannot tell)."""
+def rounds_with_steal(runs: Dict[str, Callable[[], Any]], rounds: int,
+                      first: int = 0) -> Tuple[Dict[str, list], Optional[float], float]:
+    """``interleaved_rounds``, the CPU seconds the hypervisor took while they ran (``None`` where ``/proc/stat``
+    cannot tell) and their wall seconds."""
     steal0, wall0 = steal_seconds(), time.perf_counter()
-    out = interleaved_rounds(runs, rounds)
+    out = interleaved_rounds(runs, rounds, first=first)
     steal1 = steal_seconds()
     stolen = None if steal0 is None or steal1 is None else steal1 - steal0
-    return out, steal_share(stolen, time.perf_counter() - wall0)
+    return out, stolen, time.perf_counter() - wall0
 
 
 def timed(fn: Callable) -> Callable[[], float]:
@@ -450,24 +464,110 @@ def timed(fn: Callable) -> Callable[[], float]:
     return run
 
 
-def measure_time(model_name: str, configs, args) -> Dict[str, Dict[str, float]]:
+SAVE_EVERY = 2  # rounds between two writes of the JSON while a model's rounds run
+
+
+def measure_time(model_name: str, configs, args, done: Optional[dict] = None,
+                 save: Optional[Callable[[dict], None]] = None) -> Dict[str, Dict[str, float]]:
     """Median step time of each configuration, and the median over rounds of its ratio to the baseline step of the
     same round (the machine's speed drifts by several percent between rounds; a ratio within a round cancels it).
-    Rounds alternate the order of the configurations (ABBA), so no configuration always runs first."""
-    torch.compiler.reset()  # every model compiles afresh: the wrapped models of one process share dynamo's recompile
-    # limit (one _tffd_forward), past which a wrapped forward runs uncompiled
-    steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
-                          channels_last=args.channels_last) for c in configs}
-    for s in steps.values():
-        for _ in range(args.warmup):
-            s()
-    times, stolen = rounds_with_steal({c: timed(steps[c]) for c in configs}, args.rounds)
-    out = {'steal_share': stolen}
+    Rounds alternate the order of the configurations (ABBA), so no configuration always runs first.
+
+    ``done``: rounds timed before (``time_state``'s record, from a JSON that ``--resume`` continues); only the rounds
+    still missing to ``args.rounds`` run, and ``save(record)`` gets the record after every ``SAVE_EVERY`` of them."""
+    record = time_state(configs, done)
+    times = record['times_s']
+    have = len(times[configs[0]])
+    if have < args.rounds:
+        torch.compiler.reset()  # every model compiles afresh: the wrapped models of one process share dynamo's
+        # recompile limit (one _tffd_forward), past which a wrapped forward runs uncompiled
+        steps = {c: make_step(model_name, c, args.batch_size, args.img_size, device=args.device, amp=args.amp,
+                              channels_last=args.channels_last) for c in configs}
+        for s in steps.values():
+            for _ in range(args.warmup):
+                s()
+        runs = {c: timed(steps[c]) for c in configs}
+        record['segments'].append({'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+                                   'first_round': have, 'rounds': 0})
+        while have < args.rounds:
+            n = min(SAVE_EVERY, args.rounds - have)
+            new, stolen, wall = rounds_with_steal(runs, n, first=have)
+            for c in configs:
+                times[c] += new[c]
+            have += n
+            record['stolen_s'] = None if stolen is None or record['stolen_s'] is None else record['stolen_s'] + stolen
+            record['wall_s'] += wall
+            record['segments'][-1]['rounds'] += n
+            if save is not None:
+                save(record)
+    out = {'steal_share': steal_share(record['stolen_s'], record['wall_s']), 'record': record}
     for c, v in times.items():
         ratios = [a / b for a, b in zip(v, times[baseline_of(c)])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
                   'ratio_ci95': median_interval(ratios), 'times_s': v}
     return out
+
+
+def time_state(configs, done: Optional[dict] = None) -> dict:
+    """A model's timed rounds so far: every configuration's step seconds (``times_s``), the CPU seconds stolen and the
+    wall seconds while they ran, and one segment (start, first round, rounds) per process that timed some."""
+    record = {'times_s': {c: [] for c in configs}, 'stolen_s': 0., 'wall_s': 0., 'segments': []}
+    if done:
+        record = {**record, **json.loads(json.dumps(done))}  # a copy: the caller's record stays as it was
+        if sorted(record['times_s']) != sorted(configs) or len({len(v) for v in record['times_s'].values()}) != 1:
+            raise ValueError(f'the stored rounds are of configurations {sorted(record["times_s"])}, or of unequal '
+                             f'counts; this run times {sorted(configs)}')
+    return record
+
+
+def code_fingerprint(root: Optional[str] = None) -> str:
+    """A hash of what a timed step runs: the Python files of the ``timm_tffd`` package (or of the package at
+    ``root``) and the step builders here. Rounds kept in a JSON are continued (``--resume``) only under the same
+    fingerprint."""
+    h = hashlib.sha256()
+    root = root or os.path.dirname(os.path.abspath(timm_tffd.__file__))
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for name in sorted(f for f in files if f.endswith('.py')):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, 'rb') as f:
+                h.update(f.read())
+    for fn in (make_step, _tffd, _four_taps, _Wrapped):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:16]
+
+
+RESUME_SETTINGS = ('configs', 'batch_size', 'img_size', 'cpus', 'compiled', 'device', 'amp', 'channels_last',
+                   'malloc')  # the arguments that must match for the rounds of two runs to be one measurement
+
+
+def run_identity(args) -> dict:
+    """What ``--resume`` compares: the code, the versions, the CPU instructions, torch's threads and the settings of
+    the steps."""
+    return {'code': code_fingerprint(), 'torch': torch.__version__, 'timm': timm.__version__,
+            'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(),
+            **{k: getattr(args, k, None) for k in RESUME_SETTINGS}}
+
+
+def stored_rounds(path: str, identity: dict) -> Dict[str, dict]:
+    """The per-model round records of the time table in ``path`` (``{}`` where the file does not exist), after
+    checking it was measured under ``identity``; a ValueError that says what differs otherwise."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read {path} ({e})') from None
+    if 'rounds' not in data or 'identity' not in data:
+        raise ValueError(f'{path} holds no resumable time table')
+    differ = [k for k in identity if data['identity'].get(k) != identity[k]]
+    if differ:
+        raise ValueError(f'{path} was measured with other ' + ', '.join(
+            f'{k} ({data["identity"].get(k)!r}, now {identity[k]!r})' for k in differ)
+            + '; its rounds cannot be continued: give another --json or leave out --resume')
+    return data['rounds']
 
 
 def baseline_of(config: str) -> str:
@@ -524,10 +624,12 @@ def floor_row(model_name: str, times: Dict[str, dict], args) -> dict:
 
 def write_json(args, **results):
     """``results`` into ``args.json``, with the arguments and the CPU instructions torch's kernels use (results move
-    between hosts with them)."""
-    with open(args.json, 'w') as f:
+    between hosts with them). It writes a temporary file and renames it over ``args.json``: a run killed while
+    writing leaves the earlier file whole."""
+    with open(args.json + '.tmp', 'w') as f:
         json.dump({'args': vars(args), 'cpu_capability': torch.backends.cpu.get_cpu_capability(), **results}, f,
                   indent=2)
+    os.replace(args.json + '.tmp', args.json)
 
 
 def _versions() -> str:
@@ -618,6 +720,9 @@ def main():
     parser.add_argument('--floor', action='store_true',
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
+    parser.add_argument('--resume', action='store_true',
+                        help='keep the rounds already in --json (same code, versions and settings) and time only '
+                             'those missing to --rounds per model; the file is rewritten every %d rounds' % SAVE_EVERY)
     parser.add_argument('--noise-check', type=int, default=0, metavar='PAIRS',
                         help='only time PAIRS adjacent pairs of the plain step and its copy, and say how wide a '
                              '--rounds-round table\'s intervals would be on this host and how many rounds 1%% needs')
@@ -626,6 +731,9 @@ def main():
         parser.error('--no-time and --no-memory leave nothing to measure')
     if args.noise_check and args.noise_check < 3:
         parser.error(f'--noise-check needs at least 3 pairs, got {args.noise_check}')
+    if args.resume and (not args.json or args.no_time or args.trees or args.noise_check):
+        parser.error('--resume continues the time table in --json: give --json, without --no-time, --trees or '
+                     '--noise-check')
     unknown = [m for m in args.models.split(',') if not timm.is_model(m)]
     if unknown:
         parser.error(f'unknown model(s) {unknown}; see timm.list_models()')
@@ -676,8 +784,14 @@ def main():
     for c in list(configs):
         if baseline_of(c) not in configs:
             configs.insert(0, baseline_of(c))
+    identity = run_identity(args)
+    try:
+        done = stored_rounds(args.json, identity) if args.resume else {}
+    except ValueError as e:
+        parser.error(str(e))
+    resumed = ''.join(f', {m} from round {len(next(iter(r["times_s"].values())))}' for m, r in done.items())
     print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, '
-          + ('memory probes only\n' if args.no_time else f'{args.rounds} timed rounds, {_malloc(args)}\n'))
+          + ('memory probes only\n' if args.no_time else f'{args.rounds} timed rounds{resumed}, {_malloc(args)}\n'))
     results = []
     header = ('| model | config | step time (ms) | time ratio | 95% interval | + teacher training | step memory (MB) '
               '| memory ratio |')
@@ -688,6 +802,14 @@ def main():
     models = args.models.split(',')
     if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
         models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
+
+    def save(model_name: str, record: dict):  # after every SAVE_EVERY rounds: a killed run can be resumed
+        done[model_name] = record
+        write_json(args, identity=identity, complete=False, rounds=done, results=results)
+        have = len(record['times_s']['baseline'])
+        if have % 10 < SAVE_EVERY:
+            print(f'{model_name}: {have} of {args.rounds} rounds, kept in {args.json}', file=sys.stderr, flush=True)
+
     for model_name in models:
         model_configs = [c for c in configs if not (c in TEACHER_CONFIGS and model_name == TEACHER)]
         mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
@@ -699,7 +821,12 @@ def main():
                 print(f'| {model_name} | {c} | - | - | - | - | {row["step_mb"]:.0f} | {row["memory_ratio"]:.3f} |',
                       flush=True)
             continue
-        times = measure_time(model_name, model_configs, args)
+        try:
+            times = measure_time(model_name, model_configs, args, done.get(model_name),
+                                 functools.partial(save, model_name) if args.json else None)
+        except ValueError as e:  # the stored rounds are of other configurations
+            parser.error(f'{args.json}: {e}')
+        done[model_name] = times['record']
         teacher_step.setdefault(model_name, times['baseline']['median_s'])
         if args.floor:
             floors.append(floor_row(model_name, times, args))
@@ -736,7 +863,8 @@ def main():
                           f'{100 * m["floor_share_of_step"]:.2f}% | {"compiled" if COMPILED in config else "eager"} | '
                           f'{m["extra_ms"]:.1f} | {m["floor_multiple"]:.1f} |')
     if args.json:
-        write_json(args, results=results, steal_share=steal, floor=floors)
+        write_json(args, identity=identity, complete=True, rounds=done, results=results, steal_share=steal,
+                   floor=floors)
 
 
 if __name__ == '__main__':

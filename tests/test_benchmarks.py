@@ -220,6 +220,9 @@ def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():
     out = overhead.interleaved_rounds({n: run(n) for n in 'abc'}, rounds=3, warmup=1)
     assert ''.join(calls) == 'abc' + 'cba' + 'abc' + 'cba'  # round 0 is the warm-up
     assert out == {'a': [6, 7, 12], 'b': [5, 8, 11], 'c': [4, 9, 10]}
+    calls.clear()  # rounds that continue three earlier ones start with round 3: the reverse order
+    out = overhead.interleaved_rounds({n: run(n) for n in 'abc'}, rounds=2, first=3)
+    assert ''.join(calls) == 'cba' + 'abc' and out == {'a': [3, 4], 'b': [2, 5], 'c': [1, 6]}
 
 
 def test_median_interval():
@@ -397,6 +400,79 @@ def test_timed_rows_keep_every_round(tmp_path, monkeypatch):
     floor = data['floor'][0]
     want = (rows['inter+intra']['time_ratio'] - 1) * sorted(base)[1]
     assert floor['inter+intra']['extra_ms'] == pytest.approx(want)
+
+
+def test_resume_continues_the_rounds_of_a_killed_run(tmp_path, monkeypatch, capsys):
+    """The time table's JSON is rewritten every ``SAVE_EVERY`` rounds; a killed run leaves it incomplete, and
+    ``--resume`` keeps its rounds, times only the missing ones in the continued ABBA order, and gives the rows of all
+    of them. Other settings or code refuse to continue it with one line."""
+    out = tmp_path / 'time.json'
+    argv = ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra', '--batch-size', '2', '--img-size',
+            '32', '--warmup', '1', '--no-memory', '--malloc', 'default', '--json', str(out)]
+    order, kill = [], [True]
+    real_rounds = overhead.rounds_with_steal
+
+    def rounds_then_kill(runs, rounds, first=0):
+        if kill[0] and len(order) == 2:
+            raise SystemError('killed')  # the third save interval of the first run: the process dies
+        order.append(first)
+        return real_rounds(runs, rounds, first)
+
+    monkeypatch.setattr(overhead, 'rounds_with_steal', rounds_then_kill)
+    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7'])
+    with pytest.raises(SystemError):
+        overhead.main()
+    killed = json.load(open(out))
+    assert killed['complete'] is False and killed['results'] == []
+    kept = killed['rounds']['test_resnet']
+    assert {c: len(v) for c, v in kept['times_s'].items()} == {'baseline': 4, 'inter+intra': 4}
+    assert kept['segments'][0]['first_round'] == 0 and kept['segments'][0]['rounds'] == 4
+
+    kill[0] = False
+    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7', '--resume'])
+    overhead.main()
+    assert order == [0, 2, 4, 6]  # the resumed run starts at round 4 (forward order) and ends with round 6 (one)
+    assert 'test_resnet from round 4' in capsys.readouterr().out
+    data = json.load(open(out))
+    assert data['complete'] is True
+    record = data['rounds']['test_resnet']
+    assert [s['rounds'] for s in record['segments']] == [4, 3] and record['segments'][1]['first_round'] == 4
+    base, tffd = record['times_s']['baseline'], record['times_s']['inter+intra']
+    assert base[:4] == kept['times_s']['baseline'] and tffd[:4] == kept['times_s']['inter+intra'] and len(base) == 7
+    rows = {r['config']: r for r in data['results']}
+    assert rows['inter+intra']['time_ratio'] == pytest.approx(sorted(a / b for a, b in zip(tffd, base))[3])
+    assert rows['inter+intra']['round_times_ms'] == pytest.approx([1e3 * t for t in tffd])
+
+    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7', '--resume'])  # all rounds there: nothing is timed
+    overhead.main()
+    assert order == [0, 2, 4, 6] and json.load(open(out))['rounds'] == data['rounds']
+
+    for extra in (['--img-size', '48'], ['--configs', 'inter'], ['--compiled']):
+        monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '9', '--resume'] + extra)
+        with pytest.raises(SystemExit):
+            overhead.main()
+        err = capsys.readouterr().err
+        assert 'cannot be continued' in err and 'Traceback' not in err
+    monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--resume'])
+    with pytest.raises(SystemExit):
+        overhead.main()
+    assert 'give --json' in capsys.readouterr().err
+    (tmp_path / 'other.json').write_text(json.dumps({'args': {}, 'results': []}))
+    monkeypatch.setattr(sys, 'argv', argv[:-1] + [str(tmp_path / 'other.json'), '--resume'])
+    with pytest.raises(SystemExit):
+        overhead.main()
+    assert 'no resumable time table' in capsys.readouterr().err
+
+
+def test_code_fingerprint_follows_the_package_source(tmp_path):
+    """The fingerprint ``--resume`` checks: equal for a copy of the package, different once a file changes."""
+    package = os.path.dirname(os.path.abspath(timm_tffd.__file__))
+    copy = tmp_path / 'timm_tffd'
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns('__pycache__'))
+    assert overhead.code_fingerprint(str(copy)) == overhead.code_fingerprint()
+    with open(copy / 'losses' / '__init__.py', 'a') as f:
+        f.write('\n')
+    assert overhead.code_fingerprint(str(copy)) != overhead.code_fingerprint()
 
 
 _MAPPINGS = r'''
