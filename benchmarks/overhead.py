@@ -32,14 +32,16 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   would be (a table runs ``baseline-copy`` next to ``baseline`` too) and how many rounds a 1% interval needs. The
   other rows run farther from their baseline in each round, and on a noisy host the scatter grows with the steps
   between two timed ones, so their intervals come out as wide or wider.
-* ``--resume`` (with ``--json``): a long table over several sessions. The JSON of a time table is rewritten every
-  ``SAVE_EVERY`` rounds (``complete: false`` until every model has its rounds), with each model's step times of every
-  round, the steal and wall seconds, and one segment (start, first round, rounds) per process that timed some. The
-  same command with ``--resume`` keeps those rounds and times only the ones missing to ``--rounds`` (the ABBA order
-  goes on where it stopped); it refuses, with one line, a file measured with other code (``code_fingerprint``: the
-  package's files and the step builders here), other torch or timm, CPU instructions, threads or step settings. The
-  rounds of one table can then come from several days: each round's ratio is still taken within the round, and the
-  segments let the ratios of each day be compared.
+* ``--resume`` (with ``--json``): a long table over several sessions. While a time table's rounds run, its JSON is
+  rewritten at least every ``SAVE_SECONDS`` (``complete: false`` until every model in it has its rounds), with each
+  model's step times of every round, the steal and wall seconds, and one segment (start, first round, rounds) per
+  process that timed some; a run without ``--resume`` refuses to overwrite such an unfinished file. The same command
+  with ``--resume`` keeps those rounds and times only the ones missing to ``--rounds`` (the ABBA order goes on where it
+  stopped; the rows are of the first ``--rounds`` rounds). It refuses, with one line, a file measured with other code
+  (``code_fingerprint``: the package's and this benchmark's code, comments and docstrings aside), other Python, torch
+  or timm, another CPU model, CPU instructions, CPU count or GPU, other threads or step settings. The rounds of one
+  table can then come from several days on the same hardware: each round's ratio is still taken within the round,
+  and the segments let the ratios of each day be compared.
 * ``--cpus 0,1`` pins the process (and its probes) to those CPUs with one torch thread each; ``--device cuda``,
   ``--amp`` (float16 with a GradScaler on CUDA) and ``--channels-last`` run the same table on a GPU, where the step
   time is taken between ``torch.cuda.synchronize()`` calls and step memory is the caching allocator's peak.
@@ -63,14 +65,15 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   training steps do on a busy machine.
 """
 import argparse
+import ast
 import contextlib
 import ctypes
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -464,7 +467,7 @@ def timed(fn: Callable) -> Callable[[], float]:
     return run
 
 
-SAVE_EVERY = 2  # rounds between two writes of the JSON while a model's rounds run
+SAVE_SECONDS = 60  # at most this long between two writes of the JSON while a model's rounds run
 
 
 def measure_time(model_name: str, configs, args, done: Optional[dict] = None,
@@ -474,10 +477,12 @@ def measure_time(model_name: str, configs, args, done: Optional[dict] = None,
     Rounds alternate the order of the configurations (ABBA), so no configuration always runs first.
 
     ``done``: rounds timed before (``time_state``'s record, from a JSON that ``--resume`` continues); only the rounds
-    still missing to ``args.rounds`` run, and ``save(record)`` gets the record after every ``SAVE_EVERY`` of them."""
+    still missing to ``args.rounds`` run, ``save(record)`` gets the record at the end of the first round that ends
+    ``SAVE_SECONDS`` or more after the last save, and at the end. The rows are of the first ``args.rounds`` rounds
+    (a record may hold more)."""
     record = time_state(configs, done)
     times = record['times_s']
-    have = len(times[configs[0]])
+    have = rounds_of(record)
     if have < args.rounds:
         torch.compiler.reset()  # every model compiles afresh: the wrapped models of one process share dynamo's
         # recompile limit (one _tffd_forward), past which a wrapped forward runs uncompiled
@@ -489,70 +494,106 @@ def measure_time(model_name: str, configs, args, done: Optional[dict] = None,
         runs = {c: timed(steps[c]) for c in configs}
         record['segments'].append({'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
                                    'first_round': have, 'rounds': 0})
+        saved = time.perf_counter()
         while have < args.rounds:
-            n = min(SAVE_EVERY, args.rounds - have)
-            new, stolen, wall = rounds_with_steal(runs, n, first=have)
+            new, stolen, wall = rounds_with_steal(runs, 1, first=have)
             for c in configs:
                 times[c] += new[c]
-            have += n
+            have += 1
             record['stolen_s'] = None if stolen is None or record['stolen_s'] is None else record['stolen_s'] + stolen
             record['wall_s'] += wall
-            record['segments'][-1]['rounds'] += n
-            if save is not None:
+            record['segments'][-1]['rounds'] += 1
+            if save is not None and (have == args.rounds or time.perf_counter() - saved >= SAVE_SECONDS):
                 save(record)
+                saved = time.perf_counter()
     out = {'steal_share': steal_share(record['stolen_s'], record['wall_s']), 'record': record}
-    for c, v in times.items():
-        ratios = [a / b for a, b in zip(v, times[baseline_of(c)])]
+    used = {c: v[:args.rounds] for c, v in times.items()}
+    for c, v in used.items():
+        ratios = [a / b for a, b in zip(v, used[baseline_of(c)])]
         out[c] = {'median_s': statistics.median(v), 'ratio': statistics.median(ratios),
                   'ratio_ci95': median_interval(ratios), 'times_s': v}
     return out
 
 
+def rounds_of(record: dict) -> int:
+    """The number of rounds in a record of ``time_state``."""
+    return len(next(iter(record['times_s'].values())))
+
+
 def time_state(configs, done: Optional[dict] = None) -> dict:
     """A model's timed rounds so far: every configuration's step seconds (``times_s``), the CPU seconds stolen and the
-    wall seconds while they ran, and one segment (start, first round, rounds) per process that timed some."""
-    record = {'times_s': {c: [] for c in configs}, 'stolen_s': 0., 'wall_s': 0., 'segments': []}
-    if done:
-        record = {**record, **json.loads(json.dumps(done))}  # a copy: the caller's record stays as it was
-        if sorted(record['times_s']) != sorted(configs) or len({len(v) for v in record['times_s'].values()}) != 1:
-            raise ValueError(f'the stored rounds are of configurations {sorted(record["times_s"])}, or of unequal '
-                             f'counts; this run times {sorted(configs)}')
-    return record
+    wall seconds while they ran, and one segment (start, first round, rounds) per process that timed some. ``done``:
+    such a record from a JSON, checked (a ValueError says what is wrong) and copied."""
+    if not done:
+        return {'times_s': {c: [] for c in configs}, 'stolen_s': 0., 'wall_s': 0., 'segments': []}
+    number = (int, float)
+    if not (isinstance(done, dict) and isinstance(done.get('times_s'), dict) and done['times_s']
+            and all(isinstance(v, list) and all(isinstance(t, number) for t in v) for v in done['times_s'].values())
+            and isinstance(done.get('stolen_s'), (*number, type(None))) and isinstance(done.get('wall_s'), number)
+            and isinstance(done.get('segments'), list)):
+        raise ValueError('a stored record is not one of step times (times_s), stolen_s, wall_s and segments')
+    if sorted(done['times_s']) != sorted(configs):
+        raise ValueError(f'the stored rounds are of configurations {sorted(done["times_s"])}; this run times '
+                         f'{sorted(configs)}')
+    if len({len(v) for v in done['times_s'].values()}) != 1:
+        raise ValueError('the stored configurations have unequal numbers of rounds')
+    return json.loads(json.dumps(done))  # a copy: the caller's record stays as it was
+
+
+def _source_digest(path: str) -> bytes:
+    """The code of a Python file without its comments and docstrings (``ast``): what it runs."""
+    with open(path, 'rb') as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        body = getattr(node, 'body', None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def code_fingerprint(root: Optional[str] = None) -> str:
-    """A hash of what a timed step runs: the Python files of the ``timm_tffd`` package (or of the package at
-    ``root``) and the step builders here. Rounds kept in a JSON are continued (``--resume``) only under the same
-    fingerprint."""
+    """A hash of the code a timed step runs: every Python file of the ``timm_tffd`` package (or of the package at
+    ``root``) and this benchmark, comments and docstrings aside. Rounds kept in a JSON are continued (``--resume``)
+    only under the same fingerprint."""
     h = hashlib.sha256()
     root = root or os.path.dirname(os.path.abspath(timm_tffd.__file__))
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(f for f in files if f.endswith('.py')):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode())
-            with open(path, 'rb') as f:
-                h.update(f.read())
-    for fn in (make_step, _tffd, _four_taps, _Wrapped):
-        h.update(inspect.getsource(fn).encode())
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith('.py')]
+    for path in sorted(paths):
+        h.update(os.path.relpath(path, root).encode() + b'\0' + _source_digest(path) + b'\0')
+    h.update(_source_digest(os.path.abspath(__file__)))
     return h.hexdigest()[:16]
 
 
+def _cpu_model() -> Optional[str]:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        return None
+
+
 RESUME_SETTINGS = ('configs', 'batch_size', 'img_size', 'cpus', 'compiled', 'device', 'amp', 'channels_last',
-                   'malloc')  # the arguments that must match for the rounds of two runs to be one measurement
+                   'malloc', 'steady_malloc')  # the arguments that must match for the rounds of two runs to be one
+# measurement (steady_malloc: whether glibc took the allocator settings)
 
 
 def run_identity(args) -> dict:
-    """What ``--resume`` compares: the code, the versions, the CPU instructions, torch's threads and the settings of
-    the steps."""
-    return {'code': code_fingerprint(), 'torch': torch.__version__, 'timm': timm.__version__,
+    """What ``--resume`` compares: the code, the versions, the machine (CPU model and instructions, CPUs, GPU),
+    torch's threads and the settings of the steps."""
+    cuda = torch.device(args.device).type == 'cuda'
+    return {'code': code_fingerprint(), 'python': platform.python_version(), 'torch': torch.__version__,
+            'timm': timm.__version__, 'cpu_model': _cpu_model(), 'cpu_count': os.cpu_count(),
             'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(),
+            'gpu': torch.cuda.get_device_name(args.device) if cuda else None,
+            'cuda': torch.version.cuda if cuda else None,
             **{k: getattr(args, k, None) for k in RESUME_SETTINGS}}
 
 
-def stored_rounds(path: str, identity: dict) -> Dict[str, dict]:
+def stored_rounds(path: str, identity: dict, model_configs: Dict[str, list]) -> Dict[str, dict]:
     """The per-model round records of the time table in ``path`` (``{}`` where the file does not exist), after
-    checking it was measured under ``identity``; a ValueError that says what differs otherwise."""
+    checking it was measured under ``identity`` and that its records of the models in ``model_configs`` are of those
+    configurations; a ValueError that says what differs otherwise. Records of other models are kept as they are."""
     if not os.path.exists(path):
         return {}
     try:
@@ -560,14 +601,30 @@ def stored_rounds(path: str, identity: dict) -> Dict[str, dict]:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f'cannot read {path} ({e})') from None
-    if 'rounds' not in data or 'identity' not in data:
+    if not (isinstance(data, dict) and isinstance(data.get('rounds'), dict)
+            and isinstance(data.get('identity'), dict)):
         raise ValueError(f'{path} holds no resumable time table')
     differ = [k for k in identity if data['identity'].get(k) != identity[k]]
     if differ:
         raise ValueError(f'{path} was measured with other ' + ', '.join(
             f'{k} ({data["identity"].get(k)!r}, now {identity[k]!r})' for k in differ)
             + '; its rounds cannot be continued: give another --json or leave out --resume')
+    for model_name, configs in model_configs.items():
+        if model_name in data['rounds']:
+            try:
+                time_state(configs, data['rounds'][model_name])
+            except ValueError as e:
+                raise ValueError(f'{path}, {model_name}: {e}') from None
     return data['rounds']
+
+
+def unfinished(path: str) -> bool:
+    """Whether ``path`` holds a time table whose rounds a killed run left short (``complete: false``)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get('complete') is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def baseline_of(config: str) -> str:
@@ -698,7 +755,8 @@ def main():
     parser.add_argument('--no-memory', action='store_true', help='skip the per-process memory probes')
     parser.add_argument('--no-time', action='store_true',
                         help='memory probes only (they are deterministic, so they may run beside other work)')
-    parser.add_argument('--json', default='', help='also write the results to this file')
+    parser.add_argument('--json', default='', help='also write the results to this file (a time table: also its '
+                        'rounds so far, while they run; see --resume)')
     parser.add_argument('--trees', default='',
                         help=f'NAME=PATH,...: compare the {TREE_CONFIG} step with timm_tffd imported from each '
                              f'source tree (a folder holding a timm_tffd package), instead of --configs')
@@ -721,8 +779,9 @@ def main():
                         help='also print the terms\' cost floor (bytes of the tapped maps at copy bandwidth) and the '
                              'measured inter+intra overhead as a multiple of it')
     parser.add_argument('--resume', action='store_true',
-                        help='keep the rounds already in --json (same code, versions and settings) and time only '
-                             'those missing to --rounds per model; the file is rewritten every %d rounds' % SAVE_EVERY)
+                        help='keep the rounds already in --json (same code, versions, machine and settings) and '
+                             'time only those missing to --rounds per model (a time table\'s --json is rewritten '
+                             'at least every %d s while its rounds run)' % SAVE_SECONDS)
     parser.add_argument('--noise-check', type=int, default=0, metavar='PAIRS',
                         help='only time PAIRS adjacent pairs of the plain step and its copy, and say how wide a '
                              '--rounds-round table\'s intervals would be on this host and how many rounds 1%% needs')
@@ -784,12 +843,21 @@ def main():
     for c in list(configs):
         if baseline_of(c) not in configs:
             configs.insert(0, baseline_of(c))
-    identity = run_identity(args)
-    try:
-        done = stored_rounds(args.json, identity) if args.resume else {}
-    except ValueError as e:
-        parser.error(str(e))
-    resumed = ''.join(f', {m} from round {len(next(iter(r["times_s"].values())))}' for m, r in done.items())
+    models = args.models.split(',')
+    if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
+        models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
+    model_configs = {m: [c for c in configs if not (c in TEACHER_CONFIGS and m == TEACHER)] for m in models}
+    done: Dict[str, dict] = {}
+    identity = None if args.no_time else run_identity(args)
+    if args.resume:
+        try:
+            done = stored_rounds(args.json, identity, model_configs)
+        except ValueError as e:
+            parser.error(str(e))
+    elif args.json and not args.no_time and unfinished(args.json):
+        parser.error(f'{args.json} holds the rounds of an unfinished table: continue it with --resume, or give '
+                     'another --json')
+    resumed = ''.join(f', {m} from round {rounds_of(done[m])}' for m in models if m in done)
     print(f'{_versions()}, batch {args.batch_size}, {args.img_size}px, '
           + ('memory probes only\n' if args.no_time else f'{args.rounds} timed rounds{resumed}, {_malloc(args)}\n'))
     results = []
@@ -799,38 +867,30 @@ def main():
     teacher_step = {}
     floors = []
     steal: Dict[str, Optional[float]] = {}
-    models = args.models.split(',')
-    if any(c in TEACHER_CONFIGS for c in configs) and TEACHER in models:
-        models = [TEACHER] + [m for m in models if m != TEACHER]  # its baseline step prices teacher training
 
-    def save(model_name: str, record: dict):  # after every SAVE_EVERY rounds: a killed run can be resumed
+    def save(model_name: str, record: dict):  # while a model's rounds run: a killed run can be resumed
         done[model_name] = record
         write_json(args, identity=identity, complete=False, rounds=done, results=results)
-        have = len(record['times_s']['baseline'])
-        if have % 10 < SAVE_EVERY:
-            print(f'{model_name}: {have} of {args.rounds} rounds, kept in {args.json}', file=sys.stderr, flush=True)
+        print(f'{model_name}: {rounds_of(record)} of {args.rounds} rounds, kept in {args.json}', file=sys.stderr,
+              flush=True)
 
     for model_name in models:
-        model_configs = [c for c in configs if not (c in TEACHER_CONFIGS and model_name == TEACHER)]
-        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs}
+        mem = {} if args.no_memory else {c: measure_memory(model_name, c, args) for c in model_configs[model_name]}
         if args.no_time:
-            for c in model_configs:
+            for c in model_configs[model_name]:
                 row = {'model': model_name, 'config': c, 'step_mb': mem[c]['step_mb'],
                        'memory_ratio': mem[c]['step_mb'] / mem[baseline_of(c)]['step_mb']}
                 results.append(row)
                 print(f'| {model_name} | {c} | - | - | - | - | {row["step_mb"]:.0f} | {row["memory_ratio"]:.3f} |',
                       flush=True)
             continue
-        try:
-            times = measure_time(model_name, model_configs, args, done.get(model_name),
-                                 functools.partial(save, model_name) if args.json else None)
-        except ValueError as e:  # the stored rounds are of other configurations
-            parser.error(f'{args.json}: {e}')
+        times = measure_time(model_name, model_configs[model_name], args, done.get(model_name),
+                             functools.partial(save, model_name) if args.json else None)
         done[model_name] = times['record']
         teacher_step.setdefault(model_name, times['baseline']['median_s'])
         if args.floor:
             floors.append(floor_row(model_name, times, args))
-        for c in model_configs:
+        for c in model_configs[model_name]:
             base_s = times[baseline_of(c)]['median_s']
             row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
                    'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95'],
@@ -863,8 +923,10 @@ def main():
                           f'{100 * m["floor_share_of_step"]:.2f}% | {"compiled" if COMPILED in config else "eager"} | '
                           f'{m["extra_ms"]:.1f} | {m["floor_multiple"]:.1f} |')
     if args.json:
-        write_json(args, identity=identity, complete=True, rounds=done, results=results, steal_share=steal,
-                   floor=floors)
+        # complete: every model in the file has its rounds (one left out of this run may not)
+        kept = {} if args.no_time else {'identity': identity, 'rounds': done,
+                                        'complete': all(rounds_of(r) >= args.rounds for r in done.values())}
+        write_json(args, results=results, steal_share=steal, floor=floors, **kept)
 
 
 if __name__ == '__main__':

@@ -403,9 +403,9 @@ def test_timed_rows_keep_every_round(tmp_path, monkeypatch):
 
 
 def test_resume_continues_the_rounds_of_a_killed_run(tmp_path, monkeypatch, capsys):
-    """The time table's JSON is rewritten every ``SAVE_EVERY`` rounds; a killed run leaves it incomplete, and
-    ``--resume`` keeps its rounds, times only the missing ones in the continued ABBA order, and gives the rows of all
-    of them. Other settings or code refuse to continue it with one line."""
+    """While a time table's rounds run its JSON is rewritten (here after every round); a killed run leaves it
+    incomplete, a run without ``--resume`` refuses to overwrite it, and ``--resume`` keeps its rounds, times only the
+    missing ones in the continued ABBA order, and gives the rows of the first ``--rounds`` of them."""
     out = tmp_path / 'time.json'
     argv = ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra', '--batch-size', '2', '--img-size',
             '32', '--warmup', '1', '--no-memory', '--malloc', 'default', '--json', str(out)]
@@ -413,65 +413,117 @@ def test_resume_continues_the_rounds_of_a_killed_run(tmp_path, monkeypatch, caps
     real_rounds = overhead.rounds_with_steal
 
     def rounds_then_kill(runs, rounds, first=0):
-        if kill[0] and len(order) == 2:
-            raise SystemError('killed')  # the third save interval of the first run: the process dies
-        order.append(first)
+        if kill[0] and len(order) == 3:
+            raise SystemError('killed')  # the fourth round of the first run: the process dies
+        order.append((first, rounds))
         return real_rounds(runs, rounds, first)
 
     monkeypatch.setattr(overhead, 'rounds_with_steal', rounds_then_kill)
+    monkeypatch.setattr(overhead, 'SAVE_SECONDS', 0)
     monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7'])
     with pytest.raises(SystemError):
         overhead.main()
     killed = json.load(open(out))
     assert killed['complete'] is False and killed['results'] == []
     kept = killed['rounds']['test_resnet']
-    assert {c: len(v) for c, v in kept['times_s'].items()} == {'baseline': 4, 'inter+intra': 4}
-    assert kept['segments'][0]['first_round'] == 0 and kept['segments'][0]['rounds'] == 4
+    assert {c: len(v) for c, v in kept['times_s'].items()} == {'baseline': 3, 'inter+intra': 3}
+    assert kept['segments'][0]['first_round'] == 0 and kept['segments'][0]['rounds'] == 3
+    assert kept['stolen_s'] is not None and kept['wall_s'] > 0
+    capsys.readouterr()
 
     kill[0] = False
+    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7'])  # without --resume: the rounds are not overwritten
+    with pytest.raises(SystemExit):
+        overhead.main()
+    assert 'unfinished table' in capsys.readouterr().err and json.load(open(out)) == killed
+
+    monkeypatch.setattr(overhead, 'steal_seconds', lambda: None)  # this host cannot tell steal: none in the sum
     monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7', '--resume'])
     overhead.main()
-    assert order == [0, 2, 4, 6]  # the resumed run starts at round 4 (forward order) and ends with round 6 (one)
-    assert 'test_resnet from round 4' in capsys.readouterr().out
+    assert order == [(r, 1) for r in range(7)]  # round 3, odd, goes on in the reverse order (interleaved_rounds)
+    assert 'test_resnet from round 3' in capsys.readouterr().out
     data = json.load(open(out))
     assert data['complete'] is True
     record = data['rounds']['test_resnet']
-    assert [s['rounds'] for s in record['segments']] == [4, 3] and record['segments'][1]['first_round'] == 4
+    assert [s['rounds'] for s in record['segments']] == [3, 4] and record['segments'][1]['first_round'] == 3
+    assert record['stolen_s'] is None and record['wall_s'] > kept['wall_s']
     base, tffd = record['times_s']['baseline'], record['times_s']['inter+intra']
-    assert base[:4] == kept['times_s']['baseline'] and tffd[:4] == kept['times_s']['inter+intra'] and len(base) == 7
+    assert base[:3] == kept['times_s']['baseline'] and tffd[:3] == kept['times_s']['inter+intra'] and len(base) == 7
     rows = {r['config']: r for r in data['results']}
     assert rows['inter+intra']['time_ratio'] == pytest.approx(sorted(a / b for a, b in zip(tffd, base))[3])
     assert rows['inter+intra']['round_times_ms'] == pytest.approx([1e3 * t for t in tffd])
 
-    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '7', '--resume'])  # all rounds there: nothing is timed
+    monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '5', '--resume'])  # fewer rounds: the first five, none timed
     overhead.main()
-    assert order == [0, 2, 4, 6] and json.load(open(out))['rounds'] == data['rounds']
+    data5 = json.load(open(out))
+    assert len(order) == 7 and data5['rounds'] == data['rounds'] and data5['complete'] is True
+    rows = {r['config']: r for r in data5['results']}
+    assert rows['inter+intra']['time_ratio'] == pytest.approx(sorted(a / b for a, b in zip(tffd[:5], base[:5]))[2])
 
-    for extra in (['--img-size', '48'], ['--configs', 'inter'], ['--compiled']):
-        monkeypatch.setattr(sys, 'argv', argv + ['--rounds', '9', '--resume'] + extra)
-        with pytest.raises(SystemExit):
-            overhead.main()
-        err = capsys.readouterr().err
-        assert 'cannot be continued' in err and 'Traceback' not in err
+    # a model of the file left out of this run keeps its record, and the file stays incomplete while it is short
+    other = json.loads(json.dumps(data))
+    other['rounds']['test_vit'] = {**record, 'times_s': {c: v[:2] for c, v in record['times_s'].items()}}
+    (tmp_path / 'two.json').write_text(json.dumps(other))
+    monkeypatch.setattr(sys, 'argv', argv[:-1] + [str(tmp_path / 'two.json'), '--rounds', '7', '--resume'])
+    overhead.main()
+    two = json.load(open(tmp_path / 'two.json'))
+    assert two['complete'] is False and two['rounds'] == other['rounds'] and len(order) == 7
+
+
+@pytest.mark.parametrize('change', [['--img-size', '48'], ['--configs', 'inter'], ['--compiled'], 'code', 'record',
+                                    'unequal', 'not a table'])
+def test_resume_refuses_other_settings_code_or_records(change, tmp_path, monkeypatch, capsys):
+    """A file measured with other settings or code, or whose records are malformed, is refused with one line before
+    any step is built."""
+    out = tmp_path / 'time.json'
+    argv = ['overhead.py', '--models', 'test_resnet', '--configs', 'inter+intra', '--batch-size', '2', '--img-size',
+            '32', '--warmup', '1', '--no-memory', '--malloc', 'default', '--json', str(out), '--rounds', '2']
+    monkeypatch.setattr(sys, 'argv', argv)
+    overhead.main()
+    data = json.load(open(out))
+    times = data['rounds']['test_resnet']['times_s']
+    extra, message = [], 'cannot be continued'
+    if change == 'code':
+        data['identity']['code'] = '0' * 16
+    elif change == 'record':
+        data['rounds']['test_resnet']['times_s'] = [1.0, 2.0]
+        message = 'not one of step times'
+    elif change == 'unequal':
+        times['baseline'].append(1.0)
+        message = 'unequal numbers of rounds'
+    elif change == 'not a table':
+        data = {'args': {}, 'results': []}
+        message = 'no resumable time table'
+    else:
+        extra = change
+    out.write_text(json.dumps(data))
+    monkeypatch.setattr(overhead, 'make_step', None)  # a refused file builds no step
+    monkeypatch.setattr(sys, 'argv', argv + ['--resume'] + extra)
+    with pytest.raises(SystemExit) as e:
+        overhead.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_needs_a_time_table_json(monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['overhead.py', '--models', 'test_resnet', '--resume'])
     with pytest.raises(SystemExit):
         overhead.main()
     assert 'give --json' in capsys.readouterr().err
-    (tmp_path / 'other.json').write_text(json.dumps({'args': {}, 'results': []}))
-    monkeypatch.setattr(sys, 'argv', argv[:-1] + [str(tmp_path / 'other.json'), '--resume'])
-    with pytest.raises(SystemExit):
-        overhead.main()
-    assert 'no resumable time table' in capsys.readouterr().err
 
 
-def test_code_fingerprint_follows_the_package_source(tmp_path):
-    """The fingerprint ``--resume`` checks: equal for a copy of the package, different once a file changes."""
+def test_code_fingerprint_follows_the_code_not_its_comments(tmp_path):
+    """The fingerprint ``--resume`` checks: equal for a copy of the package and after a comment or a docstring
+    changes, different once the code changes."""
     package = os.path.dirname(os.path.abspath(timm_tffd.__file__))
     copy = tmp_path / 'timm_tffd'
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns('__pycache__'))
     assert overhead.code_fingerprint(str(copy)) == overhead.code_fingerprint()
-    with open(copy / 'losses' / '__init__.py', 'a') as f:
-        f.write('\n')
+    path = copy / 'losses' / '__init__.py'
+    text = path.read_text()
+    assert text.startswith('"""')
+    path.write_text('"""Another docstring."""\n# a comment\n' + text.split('"""', 2)[2])
+    assert overhead.code_fingerprint(str(copy)) == overhead.code_fingerprint()
+    path.write_text(text + '\nEXTRA = 1\n')
     assert overhead.code_fingerprint(str(copy)) != overhead.code_fingerprint()
 
 
