@@ -2,9 +2,10 @@
 # The GPU checks in one call, as much of them as the time budget holds, in this order: the CUDA tests; the cost
 # table's eager time rows, model by model; the step memory of the plain and the Tf-FD step of every model; the
 # compiled rows, model by model. Each part runs under its own time limit, so one that runs long leaves the next ones
-# theirs; a part prints its rows when its rounds end, so one stopped at its limit gives none. Results go to $OUT (or
-# benchmarks/results/gpu/): gpu.log and one JSON per finished part (at most 8 files). The exit status is 1 when any part
-# failed or was stopped, 0 when all that ran finished.
+# theirs; a part prints its rows when its rounds end, so one stopped at its limit prints none, but its JSON keeps the
+# rounds timed up to a minute before (complete: false), and the same call again with the same OUT goes on from them
+# (overhead.py --resume). Results go to $OUT (or benchmarks/results/gpu/): gpu.log and one JSON per part (at most 8
+# files). The exit status is 1 when any part failed or was stopped, 0 when all that ran finished.
 #
 #   bash benchmarks/gpu.sh                                  # resnet50, resnet18, vit_small_patch16_224
 #   MODELS=resnet50 BUDGET=300 bash benchmarks/gpu.sh       # one model, five minutes
@@ -89,13 +90,13 @@ part "CUDA tests" "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider 
   tests/test_wrap.py -k cuda
 for m in ${models//,/ }; do
   part "$m eager" "${EAGER_LIMIT:-90}" python3 benchmarks/overhead.py "${flags[@]}" --models "$m" --floor \
-    --configs baseline,baseline-copy,inter,intra,inter+intra --no-memory --json "$out/eager_$m.json"
+    --configs baseline,baseline-copy,inter,intra,inter+intra --no-memory --json "$out/eager_$m.json" --resume
 done
 part "memory" "${MEMORY_LIMIT:-150}" python3 benchmarks/overhead.py "${flags[@]}" --models "$models" \
   --configs baseline,inter+intra --no-time --json "$out/memory.json"
 for m in ${models//,/ }; do  # compiling takes minutes; the compiled step's memory is left out (a probe compiles again)
   part "$m compiled" "${COMPILED_LIMIT:-240}" python3 benchmarks/overhead.py "${flags[@]}" --models "$m" --floor \
-    --configs baseline,inter+intra --compiled --no-memory --json "$out/compiled_$m.json"
+    --configs baseline,inter+intra --compiled --no-memory --json "$out/compiled_$m.json" --resume
 done
 echo "== done in $((SECONDS - start)) s$([ "$failed" -eq 1 ] && echo ', a part failed or was stopped')" | tee -a "$log"
 exit "$failed"

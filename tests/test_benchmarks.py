@@ -307,11 +307,11 @@ def test_gpu_script_parts_budget_and_failures(tmp_path):
     common = '--device cpu --amp --channels-last --batch-size 4 --img-size 224 --rounds 7'
     out = tmp_path / 'out'
     assert parts[1].endswith(f'overhead.py {common} --models test_resnet --floor --configs baseline,baseline-copy,'
-                             f'inter,intra,inter+intra --no-memory --json {out}/eager_test_resnet.json')
+                             f'inter,intra,inter+intra --no-memory --json {out}/eager_test_resnet.json --resume')
     assert parts[3].endswith(f'overhead.py {common} --models test_resnet,test_vit --configs baseline,inter+intra '
                              f'--no-time --json {out}/memory.json')
     assert parts[5].endswith(f'overhead.py {common} --models test_vit --floor --configs baseline,inter+intra '
-                             f'--compiled --no-memory --json {out}/compiled_test_vit.json')
+                             f'--compiled --no-memory --json {out}/compiled_test_vit.json --resume')
     assert all('(limit ' in p for p in parts)
 
     # parts under 20 s are skipped; a part that fails (an unknown model) makes the exit status 1
