@@ -11,6 +11,11 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
   table (and stored in the JSON): where it is large, the intervals widen and the times are slower than the hardware.
   On the CPU the timing process fixes glibc's allocator settings first (``steady_malloc``; ``--malloc``: heap only by
   default), so that a configuration's time does not depend on the heap state the others left.
+* Order: a round runs the configurations in the order of ``--configs``, the next round in the reverse order. On a
+  noisy host the ratio of two steps scatters less the closer they run (resnet18 on 2026-12-07: 5 to 6.5% between
+  neighbours, about 10% two to four steps apart), so the row that matters most belongs next to its baseline:
+  ``--configs intra,inter+intra,baseline,baseline-copy,inter`` times ``inter+intra`` and the control against the
+  neighbouring baseline step. The table lists the rows in a fixed order whatever the timing order.
 * Memory: each (model, configuration) runs in a fresh process with glibc's mmap threshold fixed
   (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go back to the OS). After one warm-up step the peak-RSS counter
   is reset (``/proc/self/clear_refs``) and one more step runs: *step memory* is that step's peak RSS minus the RSS
@@ -53,7 +58,8 @@ One step = forward, loss, backward, optimizer step (SGD, momentum 0.9), CPU, flo
         --configs baseline,baseline-copy,inter,intra,inter+intra
     python benchmarks/overhead.py --models resnet18 --batch-size 8 --rounds 5 --configs baseline,inter+intra
     python benchmarks/overhead.py --models resnet18 --cpus 0,1 --noise-check 30 --rounds 31   # is the host calm?
-    python benchmarks/overhead.py --compiled --cpus 0,1 --rounds 250 --json t.json --resume   # again until complete
+    python benchmarks/overhead.py --configs intra,inter+intra,baseline,baseline-copy,inter --compiled --floor \
+        --cpus 0,1 --rounds 250 --no-memory --json t.json --resume   # the same again until complete
     python benchmarks/overhead.py --trees before=/tmp/old,now=. --rounds 21   # one step, two versions of timm_tffd
 
 * ``--trees NAME=PATH,...``: the same step (``inter+intra-wrap``: ``wrap(model, 'inter,intra')`` and ``TfFDLoss``)
@@ -632,6 +638,13 @@ def baseline_of(config: str) -> str:
     return 'baseline' + (COMPILED if split_config(config)[1] else '')
 
 
+def table_order(config: str) -> tuple:
+    """Rows of a model in the table: eager before compiled, each mode's baseline first, then as in ``CONFIGS``
+    (within a round the steps run in the order of ``--configs``)."""
+    name, compiled = split_config(config)
+    return compiled, name != 'baseline', list(CONFIGS).index(name)
+
+
 def _flags(args) -> list:
     return [f for f, on in (('--amp', getattr(args, 'amp', False)),
                             ('--channels-last', getattr(args, 'channels_last', False))) if on]
@@ -747,7 +760,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
     parser.add_argument('--configs', default='baseline,inter,intra,inter+intra',
-                        help=f'any of {", ".join(CONFIGS)}, or "all"')
+                        help=f'any of {", ".join(CONFIGS)}, or "all"; a round runs them in this order (then the '
+                             'reverse), so those next to the baseline are timed against its nearest steps')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--rounds', type=int, default=7, help='timed steps per configuration')
@@ -890,7 +904,7 @@ def main():
         teacher_step.setdefault(model_name, times['baseline']['median_s'])
         if args.floor:
             floors.append(floor_row(model_name, times, args))
-        for c in model_configs[model_name]:
+        for c in sorted(model_configs[model_name], key=table_order):
             base_s = times[baseline_of(c)]['median_s']
             row = {'model': model_name, 'config': c, 'time_ms': times[c]['median_s'] * 1e3,
                    'time_ratio': times[c]['ratio'], 'time_ratio_ci95': times[c]['ratio_ci95'],

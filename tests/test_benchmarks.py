@@ -225,6 +225,16 @@ def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():
     assert ''.join(calls) == 'cba' + 'abc' and out == {'a': [3, 4], 'b': [2, 5], 'c': [1, 6]}
 
 
+def test_table_order_lists_each_mode_from_its_baseline():
+    """Rows come eager before compiled, each mode's baseline first, then in ``CONFIGS`` order, whatever order the
+    round timed them in."""
+    timed_order = ['intra', 'inter+intra', 'baseline', 'baseline-copy', 'inter', 'inter@compiled',
+                   'baseline@compiled', 'inter+intra@compiled']
+    assert sorted(timed_order, key=overhead.table_order) == [
+        'baseline', 'baseline-copy', 'inter', 'intra', 'inter+intra', 'baseline@compiled', 'inter@compiled',
+        'inter+intra@compiled']
+
+
 def test_median_interval():
     assert overhead.median_interval([1.03] * 9) == (1.03, 1.03)
     values = [1.00, 1.02, 1.03, 1.04, 1.05, 1.06, 1.30]
