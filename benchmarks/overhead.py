@@ -473,7 +473,8 @@ def timed(fn: Callable) -> Callable[[], float]:
     return run
 
 
-SAVE_SECONDS = 60  # at most this long between two writes of the JSON while a model's rounds run
+SAVE_SECONDS = 60  # at most this long between two writes of the JSON while a model's rounds run (a write of 250
+# rounds of ten configurations takes about 25 ms, between two rounds: under 0.1% of the time, and of no step)
 
 
 def measure_time(model_name: str, configs, args, done: Optional[dict] = None,
