@@ -16,12 +16,14 @@ Earlier forms (``--swap``):
 * ``whole-gather``: intra's forward gathers the whole map in partner order and halves the squared norm of
   ``f[:, partner] - f`` (every pair counted twice), instead of gathering the two halves;
 * ``advanced-indexing``: intra gathers channels by advanced indexing (``f[:, index]``) on every map, instead of
-  ``index_select`` on contiguous maps (``intra._channels``).
+  ``index_select`` on contiguous maps and ``torch.gather`` along the channels of channels-last maps such as a ViT's
+  token views (``intra._channels``).
 
     python benchmarks/ab_terms.py --swap avg_pool2d --models resnet50,resnet18 --rounds 41
     python benchmarks/ab_terms.py --swap depthwise-conv --models resnet50,resnet18 --rounds 41 --threads 2
     python benchmarks/ab_terms.py --swap whole-gather --rounds 41 --threads 2
     python benchmarks/ab_terms.py --swap advanced-indexing --models resnet50,resnet18 --rounds 81 --threads 2
+    python benchmarks/ab_terms.py --swap advanced-indexing --models vit_small_patch16_224 --rounds 81 --threads 2
 """
 import argparse
 import os

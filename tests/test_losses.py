@@ -341,6 +341,22 @@ def test_paired_channel_mse_gradients_match_autograd(layout, channels):
             assert (got[:, salient] == 0).all()
 
 
+@pytest.mark.parametrize('layout', LAYOUTS + ('strided',))
+def test_channel_gather_matches_advanced_indexing(layout):
+    """``intra._channels`` (index_select, a gather along a channels-last map's channels, or advanced indexing) picks
+    exactly ``f[:, index]``, half the channels or all of them in another order, float32 and float16, with the result's
+    values whatever its strides."""
+    from timm_tffd.losses.intra import _channels
+    for dtype in (torch.float32, torch.float16):
+        base = torch.randn(3, 10, 4, 6).to(dtype)
+        f = base[:, :, :, ::2] if layout == 'strided' else _as_layout(base, layout)
+        for index in (torch.tensor([7, 2, 9, 0, 4]), torch.randperm(10, generator=torch.Generator().manual_seed(1))):
+            got = _channels(f, index)
+            assert got.shape == (3, len(index)) + f.shape[2:] and got.dtype == dtype
+            assert torch.equal(got, f[:, index])
+            assert torch.equal(got, torch.stack([f[:, int(i)] for i in index], 1))
+
+
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('channels', [6, 7])
 def test_partner_mse_equals_paired_channel_mse(layout, channels):
