@@ -162,13 +162,15 @@ def test_traffic_counts_the_bytes_each_operator_reads_and_writes():
         torch.empty(1000)  # nor an allocation
         half = x.index_select(0, index)  # a gather reads what it writes, and the index
         index[positions]  # gathering from an integer tensor: the same rule
+        torch.gather(x.view(10, 100), 1, positions[:50].expand(10, 50))  # an expanded index counts once: 50 int64
         x.sub_(b)  # reads both, writes x
         x * scale.expand(1000)  # an expanded operand counts once
         y.copy_(x)  # reads the source only
         torch.max(x.view(10, 100), 1)  # two outputs: 10 float32 values, 10 int64 indices
         torch.add(x, b, out=y)  # an out= tensor is written, not read
     assert mode.ops == {'aten.index_select.default': [1, 2000 + 4000, 2000],
-                        'aten.index.Tensor': [1, 4000 + 4000, 4000], 'aten.sub_.Tensor': [1, 8000, 4000],
+                        'aten.index.Tensor': [1, 4000 + 4000, 4000], 'aten.gather.default': [1, 2000 + 400, 2000],
+                        'aten.sub_.Tensor': [1, 8000, 4000],
                         'aten.mul.Tensor': [1, 4004, 4000],
                         'aten.copy_.default': [1, 4000, 4000], 'aten.max.dim': [1, 4000, 40 + 80],
                         'aten.add.out': [1, 8000, 4000]}
@@ -176,10 +178,10 @@ def test_traffic_counts_the_bytes_each_operator_reads_and_writes():
 
 
 @pytest.mark.parametrize('model,gather', [('test_resnet', 'aten.index_select.default'),
-                                          ('test_vit', 'aten.index.Tensor')])
+                                          ('test_vit', 'aten.gather.default')])
 def test_traffic_of_the_terms(model, gather):
     """``terms.py --traffic``: what the terms add to a step, by operator; the maps' bytes and intra's gathers from the
-    model's own maps (a ResNet's contiguous maps gathered by ``index_select``, a ViT's token views by indexing)."""
+    model's own maps (a ResNet's contiguous maps gathered by ``index_select``, a ViT's token views by ``gather``)."""
     args = argparse.Namespace(batch_size=2, img_size=64)
     ops = terms.traffic(model, args)
     net = timm.create_model(model, **({'img_size': 64} if 'vit' in model else {}))
@@ -200,12 +202,13 @@ def test_traffic_of_the_terms(model, gather):
 
 
 def test_traffic_with_channels_last_maps():
-    """A CNN's channels-last maps (``--channels-last``) are gathered by indexing, as the token views are."""
+    """A CNN's channels-last maps (``--channels-last``) are gathered by ``gather``, as the token views are."""
     args = argparse.Namespace(batch_size=2, img_size=64)
     tapped = terms.Tapped('test_resnet', 2, 64, channels_last=True)
     assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f in tapped.leaves)
     ops = terms.traffic('test_resnet', args, channels_last=True)
-    assert 'aten.index_select.default' not in ops and ops['aten.index.Tensor'][0] == 3 * len(tapped.leaves)
+    assert 'aten.index_select.default' not in ops and 'aten.index.Tensor' not in ops
+    assert ops['aten.gather.default'][0] == 3 * len(tapped.leaves)
 
 
 def test_interleaved_rounds_alternate_the_order_and_drop_the_warmup():
