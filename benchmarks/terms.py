@@ -156,8 +156,8 @@ class Traffic(TorchDispatchMode):
     that accumulate a tensor's gradients).
 
     A byte model, not a hardware count: an operator reads each tensor argument whole once and writes its outputs once
-    (an in-place operator writes the tensor it mutates); a gather (``index_select``, advanced indexing, ``gather``) reads
-    what it writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write. Views,
+    (an in-place operator writes the tensor it mutates); a gather (``index_select``, advanced indexing, ``gather``)
+    reads what it writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write. Views,
     operators that return their input's memory, and ``empty`` move nothing. Under the mode autograd adds gradients out
     of place (the mode holds references to them) where it would add in place, the same bytes either way.
     ``TorchDispatchMode`` is PyTorch's private module for this, with no public counterpart (``torch.utils.flop_counter``
