@@ -157,9 +157,9 @@ class Traffic(TorchDispatchMode):
 
     A byte model, not a hardware count: an operator reads each tensor argument whole once and writes its outputs once
     (an in-place operator writes the tensor it mutates); a gather (``index_select``, advanced indexing, ``gather``)
-    reads what it writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write. Views,
-    operators that return their input's memory, and ``empty`` move nothing. Under the mode autograd adds gradients out
-    of place (the mode holds references to them) where it would add in place, the same bytes either way.
+    reads what it writes and its index; ``copy_``, ``fill_``, ``zero_`` and ``out=`` do not read the tensor they write.
+    Views, operators that return their input's memory, and ``empty`` move nothing. Under the mode autograd adds
+    gradients out of place (the mode holds references to them) where it would add in place, the same bytes either way.
     ``TorchDispatchMode`` is PyTorch's private module for this, with no public counterpart (``torch.utils.flop_counter``
     is built on it); an operator's ``torch.Tag.inplace`` and ``torch.Tag.out`` tags say that it writes an argument."""
 
