@@ -14,7 +14,7 @@ import torch
 import timm_tffd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import ab_terms, overhead, pooling, terms  # noqa: E402
+from benchmarks import ab_terms, overhead, pooling, segments, terms  # noqa: E402
 from test_losses import _torch_intra, _torch_pairwise  # noqa: E402
 
 
@@ -575,3 +575,54 @@ def test_steady_malloc_heap_only_maps_no_block(mode):
     assert new == (0 if mode == 'heap' else 1)
     with pytest.raises(ValueError, match='unknown allocator mode'):
         overhead.steady_malloc('jemalloc')
+
+
+def _segmented_table(segments_of: dict) -> dict:
+    """A time table JSON of one model whose rows have the given per-segment ratios (baseline steps of 1 s)."""
+    sizes = [len(s) for s in next(iter(segments_of.values()))]
+    times = {c: [r for seg in segs for r in seg] for c, segs in segments_of.items()}
+    times['baseline'] = [1.] * sum(sizes)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return {'identity': {'code': 'abc'}, 'rounds': {'m': {
+        'times_s': times, 'stolen_s': 0., 'wall_s': 1.,
+        'segments': [{'started': '', 'first_round': s, 'rounds': n} for s, n in zip(starts, sizes)]}}}
+
+
+def test_segments_tell_a_shift_between_processes_from_scatter():
+    deltas = [-0.02, -0.01, 0., 0.01, 0.02] * 12  # 60 rounds, median 0
+    same = [1 + d for d in deltas]
+    shifted = [1.05 + d for d in deltas]
+    table = _segmented_table({'inter': [same, shifted], 'baseline-copy': [same, list(reversed(same))]})
+    rows = {r['config']: r for r in segments.analyse([table], permutations=500)}
+    inter, copy = rows['inter'], rows['baseline-copy']
+    assert [s['ratio'] for s in inter['segments']] == pytest.approx([1.0, 1.05])
+    assert inter['ratio'] == pytest.approx((1.02 + 1.03) / 2)  # the 60th and 61st of the 120 pooled ratios
+    assert inter['p_process'] < 0.01  # no shuffle of the rounds puts the two halves as far apart
+    assert copy['p_process'] == 1.  # equal medians: every shuffle reaches a statistic of 0
+    assert inter['process_ci95'] is None  # two segments: nothing to resample across processes
+
+
+def test_segments_interval_across_processes_covers_their_spread():
+    levels = [1.00, 1.01, 1.02, 1.03, 1.04]
+    table = _segmented_table({'inter': [[c] * 20 for c in levels]})
+    row = segments.analyse([table], permutations=100)[0]
+    lo, hi = row['process_ci95']
+    assert 1.00 <= lo < 1.02 < hi <= 1.04  # the segments' spread, where the rounds alone say the median is 1.02
+    round_lo, round_hi = overhead.median_interval([r for c in levels for r in [c] * 20])
+    assert hi - lo > round_hi - round_lo
+
+
+def test_segments_cli_pools_files_and_refuses_bad_ones(tmp_path, capsys):
+    good = tmp_path / 'a.json'
+    good.write_text(json.dumps(_segmented_table({'inter': [[1.01] * 12, [1.03] * 12]})))
+    assert segments.main([str(good), str(good), '--permutations', '50']) == 0
+    out = capsys.readouterr().out
+    assert out.count('code abc, m 2 segments') == 2  # each file's code and segments first
+    assert '| m | inter | 48 | 1.020 |' in out
+    bad = _segmented_table({'inter': [[1.01] * 12, [1.03] * 12]})
+    bad['rounds']['m']['segments'][1]['first_round'] = 5
+    (tmp_path / 'bad.json').write_text(json.dumps(bad))
+    for path in (tmp_path / 'bad.json', tmp_path / 'missing.json'):
+        assert segments.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'error: cannot read {path}: ') and err.count('\n') == 1 and 'Traceback' not in err
