@@ -32,7 +32,7 @@ import os
 import random
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `benchmarks` too
 from benchmarks.overhead import baseline_of, median_interval, table_order, time_state  # noqa: E402
