@@ -107,9 +107,11 @@ def check(data) -> None:
     if not (isinstance(data, dict) and isinstance(data.get('rounds'), dict) and data['rounds']):
         raise ValueError('it holds no rounds (a time table written by overhead.py --json)')
     for model_name, record in data['rounds'].items():
+        if not (isinstance(record, dict) and isinstance(record.get('times_s'), dict)):
+            raise ValueError(f'{model_name}: a stored record is not one of step times (times_s), stolen_s, wall_s and '
+                             'segments')
         try:
-            time_state(list(record['times_s']) if isinstance(record, dict) and isinstance(record.get('times_s'), dict)
-                       else [], record)
+            time_state(list(record['times_s']), record)
         except ValueError as e:
             raise ValueError(f'{model_name}: {e}') from None
         missing = sorted({baseline_of(c) for c in record['times_s']} - set(record['times_s']))
@@ -168,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--min-rounds', type=int, default=10, help='leave out segments with fewer rounds')
     parser.add_argument('--permutations', type=int, default=2000)
     args = parser.parse_args(argv)
+    if args.min_rounds < 1 or args.permutations < 1:
+        parser.error('--min-rounds and --permutations take a positive number')
     tables = []
     for path in args.json:
         try:

@@ -626,3 +626,16 @@ def test_segments_cli_pools_files_and_refuses_bad_ones(tmp_path, capsys):
         assert segments.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f'error: cannot read {path}: ') and err.count('\n') == 1 and 'Traceback' not in err
+
+
+def test_segments_refuse_an_empty_record_and_bad_counts(tmp_path, capsys):
+    path = tmp_path / 'empty.json'
+    path.write_text(json.dumps({'rounds': {'m': {}}}))
+    assert segments.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f'error: cannot read {path}: m: a stored record is not one of step times (times_s), stolen_s, ' \
+        'wall_s and segments\n'
+    for flag in ('--permutations', '--min-rounds'):
+        with pytest.raises(SystemExit) as exit_:
+            segments.main([str(path), flag, '0'])
+        assert exit_.value.code == 2 and 'take a positive number' in capsys.readouterr().err
